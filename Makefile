@@ -1,0 +1,41 @@
+# minirlhf: `make demo` runs the bundled task end to end on CPU; `make test` runs the test suite.
+PYTHON ?= python
+# torch is pinned here (a CPU build) so that a fresh machine does not pull several GB of CUDA wheels;
+# the package itself only asks for a range.
+TORCH_PIN ?= torch==2.13.0
+TRITON_PIN ?= triton==3.8.0
+STAMP := .venv-stamp
+
+.PHONY: setup demo test test-kernels bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
+	$(PYTHON) -m pip install -q -e ".[test,triton]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) -m minirlhf.demo --out runs/demo
+
+# The model, data and loss tests run on the plain torch path; the Triton kernels are checked in a
+# second run under the Triton interpreter (TRITON_INTERPRET=1 must be set before triton is imported).
+test: $(STAMP)
+	$(PYTHON) -m pytest -q tests --ignore=tests/kernels
+	$(MAKE) test-kernels
+
+test-kernels: $(STAMP)
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/kernels
+
+bench: $(STAMP)
+	$(PYTHON) benchmarks/generate.py
+	$(PYTHON) benchmarks/tokenizer.py
+	$(PYTHON) benchmarks/train_step.py
+	$(PYTHON) benchmarks/kernels.py
+
+lint: $(STAMP)
+	$(PYTHON) -m pip install -q ruff
+	$(PYTHON) -m ruff check minirlhf tests benchmarks train.py
+
+clean:
+	rm -rf runs $(STAMP) .pytest_cache

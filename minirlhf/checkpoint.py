@@ -1,0 +1,345 @@
+"""Hugging Face-format model directories: config.json + (sharded) safetensors, in and out.
+
+Loading builds the model on the meta device (no memory), then reads one tensor at a time from the
+safetensors files and assigns it in place, so the weights exist once in memory, never twice.
+
+Name maps: the llama family's HF names are ours with a "model." prefix; GPT-2's differ more and its
+`Conv1D` weights are stored transposed ([in, out]), with q, k and v fused in one `c_attn`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minirlhf.model import FAMILIES, ModelConfig, Transformer
+
+
+class CheckpointError(Exception):
+    """A model directory that cannot be read or does not match the model."""
+
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+# HF config keys that we derive ourselves on save, so they are not carried through from a loaded config
+_DERIVED_KEYS = {
+    "rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "transformers_version",
+    "architectures", "attention_bias", "mlp_bias", "hidden_act", "activation_function", "n_ctx", "n_inner",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """Read an HF config dict of either generation (rope under `rope_parameters` or at the top)."""
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}"
+        )
+    def pick(*names, default=None):
+        for n in names:
+            if n in hf and hf[n] is not None:
+                return hf[n]
+        return default
+
+    common = dict(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        initializer_range=hf.get("initializer_range", 0.02),
+        extra={k: v for k, v in hf.items() if k not in _DERIVED_KEYS},
+    )
+    if model_type == "gpt2":
+        d = pick("n_embd", "hidden_size")
+        return ModelConfig(
+            hidden_size=d,
+            intermediate_size=pick("n_inner", default=4 * d),
+            num_hidden_layers=pick("n_layer", "num_hidden_layers"),
+            num_attention_heads=pick("n_head", "num_attention_heads"),
+            max_position_embeddings=pick("n_positions", "max_position_embeddings"),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            **common,
+        )
+    rope = dict(hf.get("rope_parameters") or {})  # transformers 5
+    rope_theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    rope_scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    attention_bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=attention_bias or model_type == "qwen2",
+        o_bias=attention_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
+        **common,
+    )
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """The config.json that transformers reads back as the same architecture."""
+    c = config
+    hf = dict(c.extra)
+    hf.update(
+        architectures=[ARCHITECTURES[c.model_type]],
+        model_type=c.model_type,
+        vocab_size=c.vocab_size,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+        initializer_range=c.initializer_range,
+        torch_dtype=str(dtype).removeprefix("torch."),
+        tie_word_embeddings=c.tie_word_embeddings,
+    )
+    if c.is_gpt2:
+        hf.update(n_embd=c.hidden_size, n_inner=c.intermediate_size, n_layer=c.num_hidden_layers,
+                  n_head=c.num_attention_heads, n_positions=c.max_position_embeddings,
+                  n_ctx=c.max_position_embeddings, layer_norm_epsilon=c.norm_eps,
+                  activation_function="gelu_new")
+        return hf
+    if c.model_type == "qwen2" and not (c.qkv_bias and not c.o_bias):
+        raise CheckpointError("qwen2 checkpoints have q/k/v biases and no o_proj bias")
+    if c.model_type == "mistral" and (c.qkv_bias or c.o_bias or c.mlp_bias):
+        raise CheckpointError("mistral checkpoints have no biases")
+    if c.model_type == "llama" and c.qkv_bias != c.o_bias:
+        raise CheckpointError("llama's attention_bias covers q, k, v and o alike")
+    hf.update(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, hidden_act="silu",
+    )
+    if c.model_type == "llama":
+        hf.update(attention_bias=c.o_bias, mlp_bias=c.mlp_bias)
+    if c.model_type == "mistral":
+        hf.update(sliding_window=c.sliding_window)
+    return hf
+
+
+# --------------------------------------------------------------------------------------------------
+# tensor names
+
+
+_GPT2_BLOCK = {
+    "ln_1": "input_layernorm",
+    "ln_2": "post_attention_layernorm",
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.c_fc": "mlp.up_proj",
+    "mlp.c_proj": "mlp.down_proj",
+}
+_GPT2_TOP = {"wte": "embed_tokens", "wpe": "embed_positions", "ln_f": "norm"}
+_GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def hf_to_ours(name: str, tensor: torch.Tensor, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Map one HF tensor to ours (GPT-2's fused c_attn gives three). Yields nothing for tensors we
+    rebuild ourselves (GPT-2's causal-mask buffers, a tied lm_head)."""
+    if not config.is_gpt2:
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            return
+        yield name.removeprefix("model."), tensor
+        return
+    name = name.removeprefix("transformer.")
+    if name == "lm_head.weight" or re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", name):
+        return  # tied head, and old checkpoints' causal-mask buffers
+    m = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m is None:
+        top, _, kind = name.partition(".")
+        yield f"{_GPT2_TOP.get(top, top)}.{kind}", tensor
+        return
+    layer, module, kind = m.groups()
+    if module in _GPT2_CONV1D and kind == "weight":
+        tensor = tensor.t()  # Conv1D stores [in, out]; nn.Linear wants [out, in]
+    prefix = f"layers.{layer}."
+    if module == "attn.c_attn":
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+            yield f"{prefix}self_attn.{proj}.{kind}", part.contiguous()
+        return
+    yield f"{prefix}{_GPT2_BLOCK.get(module, module)}.{kind}", tensor.contiguous()
+
+
+def ours_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict as HF names and layouts (a tied lm_head is left out, as HF does)."""
+    out: dict[str, torch.Tensor] = {}
+    if not config.is_gpt2:
+        for name, t in state.items():
+            if name == "lm_head.weight":
+                if not config.tie_word_embeddings:
+                    out[name] = t
+            else:
+                out["model." + name] = t
+        return out
+    to_hf_block = {v: k for k, v in _GPT2_BLOCK.items()}
+    to_hf_top = {v: k for k, v in _GPT2_TOP.items()}
+    fused: dict[str, list[torch.Tensor]] = {}
+    for name, t in state.items():
+        if name == "lm_head.weight":
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        if m is None:
+            top, _, kind = name.partition(".")
+            out[f"transformer.{to_hf_top[top]}.{kind}"] = t
+            continue
+        layer, module, kind = m.groups()
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            fused.setdefault(f"transformer.h.{layer}.attn.c_attn.{kind}", []).append((module, t))
+            continue
+        hf_module = to_hf_block[module]
+        if hf_module in _GPT2_CONV1D and kind == "weight":
+            t = t.t()
+        out[f"transformer.h.{layer}.{hf_module}.{kind}"] = t.contiguous()
+    order = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
+    for name, parts in fused.items():
+        t = torch.cat([t for _, t in sorted(parts, key=lambda part: order[part[0]])], dim=0)
+        out[name] = (t.t() if name.endswith("weight") else t).contiguous()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# load
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
+        return [path / f for f in files]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    if (path / "pytorch_model.bin").exists():
+        return [path / "pytorch_model.bin"]
+    raise CheckpointError(
+        f"{path}: no weights found (expected model.safetensors, model.safetensors.index.json "
+        "with its shards, or pytorch_model.bin)"
+    )
+
+
+def _read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """One tensor at a time, memory-mapped where the format allows it."""
+    if file.suffix == ".bin":
+        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+        return
+    with safe_open(file, framework="pt") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a model directory (it does not exist or is a file)")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path} is not a model directory: it has no config.json")
+    try:
+        return config_from_hf(json.loads(cfg_file.read_text()), source=str(cfg_file))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: cannot read it ({type(e).__name__}: {e})") from None
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=None) -> Transformer:
+    """Build on the meta device, then assign each checkpoint tensor (converted to dtype / device)."""
+    path = Path(path)
+    config = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        for hf_name, tensor in _read_tensors(file):
+            for name, t in hf_to_ours(hf_name, tensor, config):
+                if name not in expected:
+                    raise CheckpointError(f"{file.name}: unexpected tensor {hf_name!r} for a {config.model_type} model")
+                if tuple(t.shape) != tuple(expected[name]):
+                    raise CheckpointError(
+                        f"{file.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
+                        f"the config implies {tuple(expected[name])}"
+                    )
+                state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    if config.tie_word_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{path}: missing tensors: {shown}")
+    model.load_state_dict(state, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# save
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / 1000 -> bytes (decimal units, as HF uses)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if m is None:
+        raise ValueError(f"cannot read shard size {size!r} (examples: '5GB', '200MB', 1000000)")
+    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+    """config.json plus model.safetensors, or shards and model.safetensors.index.json when larger."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = ours_to_hf(state, model.config)
+    dtype = next(iter(tensors.values())).dtype
+    (path / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n")
+
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    for old in path.glob("model*.safetensors*"):
+        old.unlink()
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], path / "model.safetensors", metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / file, metadata=metadata)
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

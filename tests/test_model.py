@@ -1,0 +1,213 @@
+"""Our decoder against transformers (the test-only oracle) on tiny random models of each family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from minirlhf.checkpoint import CheckpointError  # noqa: E402
+from minirlhf.model import ModelConfig, Transformer, positions_from_documents  # noqa: E402
+
+TOL = 1e-4
+VOCAB = 97
+
+# name -> (HF config class name, kwargs)
+FAMILIES = {
+    "llama_gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "llama_bias_tied": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    "llama3_rope": ("LlamaConfig", dict(num_key_value_heads=1, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "llama_linear_rope": ("LlamaConfig", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama_dynamic_rope": ("LlamaConfig", dict(max_position_embeddings=8,
+                                               rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
+    "qwen2_tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "gpt2": ("GPT2Config", dict()),
+}
+
+
+def hf_model(kind: str, seed: int = 0):
+    cls_name, extra = FAMILIES[kind]
+    torch.manual_seed(seed)
+    if cls_name == "GPT2Config":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **extra)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                    pad_token_id=0)
+        base.update(extra)
+        cfg = getattr(transformers, cls_name)(**base)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    # HF initialises some weights (norms, biases) to constants; randomise everything so that a
+    # swapped or untransposed tensor cannot hide
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.float().eval()
+
+
+def batch(seed: int = 1):
+    """Two rows, the second left padded by 3."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request, tmp_path_factory):
+    hf = hf_model(request.param)
+    d = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(d)
+    ours = Transformer.from_pretrained(d).eval()
+    return request.param, hf, ours, d
+
+
+def test_logits_match_transformers(pair):
+    kind, hf, ours, _ = pair
+    ids, mask = batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        if kind == "llama_dynamic_rope":
+            # HF scales dynamic-NTK frequencies by the batch's longest row, we by each row's own
+            # length (so padding never changes a row): compare with HF on each row alone. A fresh
+            # HF model, since HF keeps grown frequencies as state between calls.
+            expected[1, 3:] = hf_model(kind)(input_ids=ids[1:, 3:]).logits[0]
+        got = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=TOL, rtol=TOL)
+
+
+def test_left_padding_equals_row_alone(pair):
+    _, _, ours, _ = pair
+    ids, mask = batch()
+    with torch.no_grad():
+        padded = ours(ids, attention_mask=mask)[1, 3:]
+        alone = ours(ids[1:, 3:])[0]
+    torch.testing.assert_close(padded, alone, atol=TOL, rtol=TOL)
+
+
+def test_packed_documents_equal_each_document_alone(pair):
+    _, _, ours, _ = pair
+    ids, _ = batch()
+    row = ids[:1]
+    docs = torch.tensor([[0] * 4 + [1] * 5 + [2] * 2])
+    with torch.no_grad():
+        packed = ours(row, document_ids=docs)[0]
+        pieces = [ours(row[:, a:b])[0] for a, b in ((0, 4), (4, 9), (9, 11))]
+    torch.testing.assert_close(packed, torch.cat(pieces), atol=TOL, rtol=TOL)
+
+
+def test_greedy_generation_matches_transformers(pair):
+    kind, hf, ours, _ = pair
+    if kind == "llama_dynamic_rope":
+        pytest.skip("HF recomputes dynamic-NTK frequencies per step differently under its cache")
+    ids, mask = batch()
+    ids, mask = ids[:, :7], mask[:, :7]
+    ids = torch.cat([torch.zeros(2, 2, dtype=torch.long), ids], 1)  # make both rows left padded
+    mask = torch.cat([torch.zeros(2, 2, dtype=torch.long), mask], 1)
+    ids[1, :5] = 0
+    mask[1, :5] = 0
+    eos = 5
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                               eos_token_id=eos, pad_token_id=0)[:, ids.shape[1]:]
+    out = ours.generate(ids, mask, max_new_tokens=6, temperature=0, eos_token_id=eos, pad_token_id=0)
+    n = expected.shape[1]
+    assert torch.equal(out.tokens[:, :n], expected)
+    assert not out.mask[:, n:].any()
+
+
+def test_save_pretrained_loads_in_transformers(pair, tmp_path):
+    kind, hf, ours, _ = pair
+    ours.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, ours(ids), atol=TOL, rtol=TOL)
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    hf = hf_model("llama_gqa")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    ours = Transformer.from_pretrained(tmp_path / "hf").eval()
+    ours.save_pretrained(tmp_path / "ours", max_shard_size="20KB")
+    index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = Transformer.from_pretrained(tmp_path / "ours").eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        torch.testing.assert_close(ours(ids), expected, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(again(ids), expected, atol=TOL, rtol=TOL)
+
+
+def test_tied_embeddings_stay_tied_after_loading(tmp_path):
+    hf_model("qwen2_tied").save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    assert ours.lm_head.weight is ours.embed_tokens.weight
+
+
+def test_load_casts_dtype(tmp_path):
+    hf_model("llama_gqa").save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    assert all(p.requires_grad for p in ours.parameters())
+
+
+def test_positions_restart_per_document():
+    docs = torch.tensor([[3, 3, 3, 7, 7, 9]])
+    assert positions_from_documents(docs).tolist() == [[0, 1, 2, 0, 1, 0]]
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def test_error_not_a_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Transformer.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Transformer.from_pretrained(tmp_path / "nope")
+
+
+def test_error_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
+    with pytest.raises(CheckpointError, match="unsupported model_type 'bert'"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_error_missing_and_mismatched_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_model("llama_gqa").save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    save_file({k: v for k, v in weights.items() if k != name}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensors: layers.1.mlp.up_proj.weight"):
+        Transformer.from_pretrained(tmp_path)
+    weights[name] = weights[name][:, :5].contiguous()
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \(64, 5\)"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_error_no_weights(tmp_path):
+    hf_model("gpt2").config.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no weights found"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_gqa_config_validation():
+    with pytest.raises(ValueError, match="multiple of"):
+        ModelConfig(num_attention_heads=4, num_key_value_heads=3, hidden_size=32)
