@@ -144,14 +144,14 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
 # tensor names
 
 
-_GPT2_BLOCK = {
+GPT2_BLOCK_NAMES = {
     "ln_1": "input_layernorm",
     "ln_2": "post_attention_layernorm",
     "attn.c_proj": "self_attn.o_proj",
     "mlp.c_fc": "mlp.up_proj",
     "mlp.c_proj": "mlp.down_proj",
 }
-_GPT2_TOP = {"wte": "embed_tokens", "wpe": "embed_positions", "ln_f": "norm"}
+GPT2_TOP_NAMES = {"wte": "embed_tokens", "wpe": "embed_positions", "ln_f": "norm"}
 _GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -169,7 +169,7 @@ def hf_to_ours(name: str, tensor: torch.Tensor, config: ModelConfig) -> Iterator
     m = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name)
     if m is None:
         top, _, kind = name.partition(".")
-        yield f"{_GPT2_TOP.get(top, top)}.{kind}", tensor
+        yield f"{GPT2_TOP_NAMES.get(top, top)}.{kind}", tensor
         return
     layer, module, kind = m.groups()
     if module in _GPT2_CONV1D and kind == "weight":
@@ -179,7 +179,7 @@ def hf_to_ours(name: str, tensor: torch.Tensor, config: ModelConfig) -> Iterator
         for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
             yield f"{prefix}self_attn.{proj}.{kind}", part.contiguous()
         return
-    yield f"{prefix}{_GPT2_BLOCK.get(module, module)}.{kind}", tensor.contiguous()
+    yield f"{prefix}{GPT2_BLOCK_NAMES.get(module, module)}.{kind}", tensor.contiguous()
 
 
 def ours_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -193,8 +193,8 @@ def ours_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
             else:
                 out["model." + name] = t
         return out
-    to_hf_block = {v: k for k, v in _GPT2_BLOCK.items()}
-    to_hf_top = {v: k for k, v in _GPT2_TOP.items()}
+    to_hf_block = {v: k for k, v in GPT2_BLOCK_NAMES.items()}
+    to_hf_top = {v: k for k, v in GPT2_TOP_NAMES.items()}
     fused: dict[str, list[torch.Tensor]] = {}
     for name, t in state.items():
         if name == "lm_head.weight":
@@ -265,17 +265,23 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{cfg_file}: cannot read it ({type(e).__name__}: {e})") from None
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=None) -> Transformer:
-    """Build on the meta device, then assign each checkpoint tensor (converted to dtype / device)."""
-    path = Path(path)
-    config = read_config(path)
-    with torch.device("meta"):
-        model = Transformer(config)
+def read_weights(path: Path, model: torch.nn.Module, config: ModelConfig, dtype: torch.dtype | None = None,
+                 device=None, allowed_extra: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Read a directory's tensors under our names, checking each against `model`'s (meta) state.
+
+    Returns (state for model.load_state_dict, extra tensors named in allowed_extra, by HF name).
+    """
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
+    extra: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         for hf_name, tensor in _read_tensors(file):
+            if hf_name in allowed_extra:
+                extra[hf_name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                continue
             for name, t in hf_to_ours(hf_name, tensor, config):
+                if name == "lm_head.weight" and name not in expected:
+                    continue  # a causal LM's head, unused by a backbone without one (reward model)
                 if name not in expected:
                     raise CheckpointError(f"{file.name}: unexpected tensor {hf_name!r} for a {config.model_type} model")
                 if tuple(t.shape) != tuple(expected[name]):
@@ -284,12 +290,22 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
                         f"the config implies {tuple(expected[name])}"
                     )
                 state[name] = t.to(device=device, dtype=dtype or t.dtype)
-    if config.tie_word_embeddings and "embed_tokens.weight" in state:
+    if config.tie_word_embeddings and "embed_tokens.weight" in state and "lm_head.weight" in expected:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: missing tensors: {shown}")
+    return state, extra
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=None) -> Transformer:
+    """Build on the meta device, then assign each checkpoint tensor (converted to dtype / device)."""
+    path = Path(path)
+    config = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    state, _ = read_weights(path, model, config, dtype, device)
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
@@ -312,13 +328,24 @@ def parse_size(size: int | str) -> int:
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB") -> None:
     """config.json plus model.safetensors, or shards and model.safetensors.index.json when larger."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    adapter_keys = [k for k in state if ".lora_" in k or ".original_module." in k or ".modules_to_save." in k]
+    if adapter_keys:
+        raise CheckpointError(
+            f"the model still carries LoRA adapters ({adapter_keys[0]}, ...): save them with "
+            "minirlhf.lora.save_adapter, or merge first with minirlhf.lora.merge_and_unload"
+        )
     tensors = ours_to_hf(state, model.config)
     dtype = next(iter(tensors.values())).dtype
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n")
+    write_model_dir(path, config_to_hf(model.config, dtype), tensors, max_shard_size)
 
+
+def write_model_dir(path: str | Path, hf_config: dict, tensors: dict[str, torch.Tensor],
+                    max_shard_size: int | str = "5GB") -> None:
+    """Write config.json and the tensors (HF names), sharded past max_shard_size."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

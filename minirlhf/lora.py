@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from minirlhf.checkpoint import _GPT2_BLOCK, _GPT2_TOP
+from minirlhf.checkpoint import GPT2_BLOCK_NAMES, GPT2_TOP_NAMES
 from minirlhf.model import Transformer
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -189,6 +189,11 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
     for name, m in model.named_modules():
         if isinstance(m, ModulesToSave):
             yield name, m
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether the model carries adapters (or modules_to_save copies), i.e. saves as an adapter."""
+    return next(lora_layers(model), None) is not None or next(saved_modules(model), None) is not None
 
 
 def effective_weight(linear: nn.Module) -> torch.Tensor:
@@ -383,15 +388,15 @@ def hf_module_name(name: str, model: Transformer) -> str | None:
         return name
     if not model.config.is_gpt2:
         return "model." + name
-    if name in _GPT2_TOP.values():
-        return "transformer." + {v: k for k, v in _GPT2_TOP.items()}[name]
+    if name in GPT2_TOP_NAMES.values():
+        return "transformer." + {v: k for k, v in GPT2_TOP_NAMES.items()}[name]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if m is None:
         return None
     layer, module = m.groups()
     if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         return f"transformer.h.{layer}.attn.c_attn"
-    block = {v: k for k, v in _GPT2_BLOCK.items()}
+    block = {v: k for k, v in GPT2_BLOCK_NAMES.items()}
     return f"transformer.h.{layer}.{block[module]}" if module in block else None
 
 

@@ -1,0 +1,96 @@
+"""Kernel dispatch: the model and the stages call these three functions, never a backend directly.
+
+backend="auto" runs the Triton kernel when the tensors live on CUDA, or on the CPU under the Triton
+interpreter (TRITON_INTERPRET=1, set before triton is first imported), and the plain-torch reference
+otherwise. "triton" forces the kernel (and raises if it cannot run), "torch" forces the reference.
+The kernel modules import triton inside a try, so minirlhf runs where triton is not installed.
+
+The submodules are imported here, before `def attention`, on purpose: importing the submodule
+`minirlhf.kernels.attention` for the first time sets the package attribute `attention` to the module,
+and the function defined below must be what stays bound to that name.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from minirlhf.kernels.attention import (
+    attention_torch,
+    attention_triton,
+    check_attention_inputs,
+)
+from minirlhf.kernels.cross_entropy import (
+    _REDUCTIONS,
+    check_linear_inputs,
+    linear_cross_entropy_torch,
+    linear_cross_entropy_triton,
+    linear_logprobs_torch,
+    linear_logprobs_triton,
+)
+
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def _use_triton(backend: str, device: torch.device, op: str) -> bool:
+    """Decide the backend for one call; errors name the op and the reason."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"kernels.{op}: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    has_triton = importlib.util.find_spec("triton") is not None
+    runnable = device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if backend == "triton":
+        if not has_triton:
+            raise RuntimeError(f"kernels.{op}: backend='triton' but triton is not installed "
+                               "(pip install 'minirlhf[triton]')")
+        if not runnable:
+            raise RuntimeError(f"kernels.{op}: backend='triton' needs CUDA tensors or TRITON_INTERPRET=1, "
+                               f"got tensors on {device}")
+        return True
+    return has_triton and runnable
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None = None,
+    backend: str = "auto", scale: float | None = None,
+) -> torch.Tensor:
+    """Causal grouped-query attention. q: [B, Hq, T, D], k, v: [B, Hkv, T, D] (Hq a multiple of Hkv),
+    document_ids: [B, T] int or None (query i sees key j iff j <= i and both are in one document;
+    left padding is document_ids = attention_mask). scale defaults to 1/sqrt(D). Returns [B, Hq, T, D]."""
+    check_attention_inputs(q, k, v, document_ids)
+    if _use_triton(backend, q.device, "attention"):
+        return attention_triton(q, k, v, document_ids, scale)
+    return attention_torch(q, k, v, document_ids, scale)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+    reduction: str = "mean", backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of softmax(hidden @ weight.T) against labels. hidden: [N, H], weight: [V, H],
+    labels: [N]. reduction "mean" (over non-ignored tokens) | "sum" -> scalar fp32; "none" -> [N] fp32."""
+    check_linear_inputs(hidden, weight, labels)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"kernels.linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if _use_triton(backend, hidden.device, "linear_cross_entropy"):
+        return linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction)
+    return linear_cross_entropy_torch(hidden, weight, labels, ignore_index, reduction)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    backend: str = "auto", ignore_index: int = -100,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T / temperature)[label] per token. hidden: [N, H], weight: [V, H],
+    labels: [N] -> [N] fp32, 0 where labels == ignore_index. Differentiable w.r.t. hidden and weight."""
+    check_linear_inputs(hidden, weight, labels)
+    if not temperature > 0:
+        raise ValueError(f"kernels.linear_logprobs: temperature must be > 0, got {temperature}")
+    if _use_triton(backend, hidden.device, "linear_logprobs"):
+        return linear_logprobs_triton(hidden, weight, labels, temperature, ignore_index)
+    return linear_logprobs_torch(hidden, weight, labels, temperature, ignore_index)
+
+
+__all__ = ["attention", "linear_cross_entropy", "linear_logprobs"]

@@ -1,0 +1,274 @@
+"""Fused LM head + cross-entropy / label log-probs that never hold the full [N, V] logits.
+
+For hidden states h: [N, H], LM head W: [V, H], labels y: [N] and a temperature tau:
+
+    z_n = W h_n / tau                                    (one row of logits)
+    logp_n = z_n[y_n] - logsumexp(z_n)                    (the label's log-prob)
+    CE = -(1/|valid|) sum_n logp_n  (mean)   or   -sum_n logp_n  (sum)
+
+and the gradient of logp_n with respect to its logits (softmax cross-entropy, e.g. Bishop 2006, eq. 4.109):
+
+    d logp_n / d z_n = onehot(y_n) - softmax(z_n)
+    dh_n = (1/tau) W^T (c_n (softmax(z_n) - onehot(y_n))),   dW = (1/tau) sum_n c_n (softmax(z_n) - onehot(y_n)) h_n^T
+
+with a per-row scale c_n: 1/|valid| (mean), 1 (sum) or -g_n (an upstream gradient g_n on logp_n).
+Ignored rows (y_n == ignore_index) have logp_n = 0 and c_n = 0.
+
+The host loops over chunks of C tokens: one matmul makes the chunk's logits [C, V], one Triton program
+per row takes an online log-sum-exp over V (Milakov & Gimelshein 2018, "Online normalizer calculation
+for softmax", Algorithm 3) and, when asked, overwrites the chunk in place with c_n (softmax - onehot) / tau,
+which two more matmuls turn into dh (rows of the chunk) and dW (accumulated).
+
+Where the gradient is computed:
+- `linear_cross_entropy` (mean / sum): the upstream gradient is one scalar, so dh and dW are computed in the
+  forward and scaled in the backward (as Liger-Kernel does): 3 matmuls in all, like the unfused
+  logits + cross_entropy (1 forward, 2 backward), and the logits are never recomputed.
+- `linear_logprobs` (dpo, kto, ppo): each token's log-prob gets its own upstream gradient g_n, unknown in
+  the forward. dh could be precomputed as a per-row vector scaled by g_n later, but dW = sum_n g_n (...) h_n^T
+  cannot without storing [N, V]. So the forward keeps only the row log-sum-exp (4 bytes a token) and the
+  backward recomputes each chunk's logits: 4 matmuls in all (one more than unfused) for O(N) saved memory.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference stays usable; kernels/__init__.py never dispatches to Triton then
+    triton = None
+    tl = None
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _valid_and_safe(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    valid = labels != ignore_index
+    return valid, torch.where(valid, labels, torch.zeros_like(labels))
+
+
+def linear_logprobs_torch(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Reference: log softmax(hidden @ weight.T / temperature)[label] in fp32, 0 at ignore_index.
+    hidden: [N, H], weight: [V, H], labels: [N] -> [N] fp32. Holds the full [N, V] logits."""
+    logits = (hidden @ weight.T).float() / temperature  # (N, V)
+    valid, safe = _valid_and_safe(labels, ignore_index)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe[:, None])[:, 0]
+    return torch.where(valid, logp, torch.zeros_like(logp))
+
+
+def linear_cross_entropy_torch(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Reference: F.cross_entropy on fp32 logits = hidden @ weight.T. hidden: [N, H], weight: [V, H]."""
+    logits = (hidden @ weight.T).float()  # (N, V)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _ce_rows_kernel(
+    LOGITS, stride_row, LABELS, ROW_SCALE, LSE, LOGPROB, V, inv_temp, ignore_index,
+    BLOCK_V: tl.constexpr, COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):
+    """One program = one row of a logits chunk [C, V].
+
+    COMPUTE_LSE: online log-sum-exp over V (writes LSE and LOGPROB); otherwise LSE is read (backward).
+    WRITE_GRAD: overwrite the row with ROW_SCALE[row] * (softmax - onehot(label)) * inv_temp.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    ptr = LOGITS + row * stride_row
+    label = tl.load(LABELS + row)
+    valid = label != ignore_index
+    if COMPUTE_LSE:
+        m = tl.full([], float("-inf"), dtype=tl.float32)
+        s = tl.full([], 0.0, dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        target = tl.load(ptr + tl.where(valid, label, 0)).to(tl.float32) * inv_temp
+        tl.store(LSE + row, lse)
+        tl.store(LOGPROB + row, tl.where(valid, target - lse, 0.0))
+    else:
+        lse = tl.load(LSE + row)
+    if WRITE_GRAD:
+        c = tl.load(ROW_SCALE + row).to(tl.float32) * inv_temp
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+            grad = (tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)) * c
+            tl.store(ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=cols < V)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk C.
+
+    Memory: the chunk's logits [C, V] are the only transient, C*V*2 bytes in bf16. Choosing
+    C ~ N*H/V makes that no larger than the hidden-state gradient [N, H] the op must return anyway
+    (Liger-Kernel uses the same rule), so peak memory stays O(N*H + V*H) instead of the unfused
+    ~10*N*V bytes (bf16 logits + their fp32 copy + fp32 log-softmax saved for the backward).
+    Speed: a [C, H] x [H, V] matmul does 2*C*H*V FLOPs over ~2*V*H bytes of W, C FLOPs a byte; an H100
+    needs ~300 FLOP/B (990 TFLOP/s / 3.35 TB/s) to be compute bound, so C is never below 1024.
+    Example (N=16k, H=4096, V=128k): N*H/V = 512 -> C = 1024, a 256 MB chunk against ~20 GB of unfused
+    logits; dW accumulates over N/C = 16 chunks.
+    """
+    by_memory = 1 << (max(1, -(-n_tokens * hidden_size // vocab_size)) - 1).bit_length()  # next power of 2
+    return max(1, min(n_tokens, max(1024, by_memory)))
+
+
+def _block_v(vocab_size: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): 16 KB of fp32 a step on a GPU; tiny blocks in the interpreter so that
+    small test vocabularies still take several steps."""
+    if _interpreting():
+        return min(32, triton.next_power_of_2(vocab_size)), 1
+    return min(4096, triton.next_power_of_2(vocab_size)), 8
+
+
+def fused_linear_pass(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, inv_temperature: float,
+    ignore_index: int, lse: torch.Tensor, logprob: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None, grad_hidden: torch.Tensor | None = None,
+    grad_weight: torch.Tensor | None = None, chunk: int | None = None,
+) -> None:
+    """Walk token chunks of hidden: [N, H] against weight: [V, H] and launch the row kernel.
+
+    logprob given: compute lse [N] and logprob [N] (fp32) in the same pass; otherwise lse is read.
+    row_scale [N] given: also write grad_hidden [N, H] (overwritten) and/or add into grad_weight [V, H].
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    C = chunk or chunk_size(N, H, V)
+    block_v, num_warps = _block_v(V)
+    write_grad = row_scale is not None
+    buf = torch.empty(min(C, N), V, dtype=hidden.dtype, device=hidden.device)
+    for s in range(0, N, C):
+        e = min(s + C, N)
+        logits = torch.mm(hidden[s:e], weight.T, out=buf[: e - s])  # (C, V)
+        _ce_rows_kernel[(e - s,)](
+            logits, logits.stride(0), labels[s:e], row_scale[s:e] if write_grad else lse[s:e], lse[s:e],
+            logprob[s:e] if logprob is not None else lse[s:e], V, inv_temperature, ignore_index,
+            BLOCK_V=block_v, COMPUTE_LSE=logprob is not None, WRITE_GRAD=write_grad, num_warps=num_warps,
+        )
+        if not write_grad:
+            continue
+        if grad_hidden is not None:
+            torch.mm(logits, weight, out=grad_hidden[s:e])
+        if grad_weight is not None:
+            # accumulates in weight's dtype (one rounding a chunk; the matmul itself sums in fp32)
+            grad_weight.addmm_(logits.T, hidden[s:e])
+
+
+def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(f"kernels.cross_entropy: label {int(labels[bad][0])} out of range for vocab_size "
+                         f"{vocab_size} (ignore_index={ignore_index})")
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean or sum cross-entropy; dh and dW are computed in the forward and scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk):
+        N = hidden.shape[0]
+        valid = labels != ignore_index
+        count = valid.sum().float()
+        row_scale = valid.float() / count if reduction == "mean" else valid.float()
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        logprob = torch.empty_like(lse)
+        grad_hidden = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None  # contiguous
+        grad_weight = weight.new_zeros(weight.shape) if ctx.needs_input_grad[1] else None
+        wants_grad = grad_hidden is not None or grad_weight is not None
+        fused_linear_pass(hidden, weight, labels, inv_temperature=1.0, ignore_index=ignore_index, lse=lse,
+                          logprob=logprob, row_scale=row_scale if wants_grad else None,
+                          grad_hidden=grad_hidden, grad_weight=grad_weight, chunk=chunk)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        loss = -logprob.sum()
+        return loss / count if reduction == "mean" else loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        dh = (grad_hidden * grad_loss).to(grad_hidden.dtype) if grad_hidden is not None else None
+        dw = (grad_weight * grad_loss).to(grad_weight.dtype) if grad_weight is not None else None
+        return dh, dw, None, None, None, None
+
+
+class FusedLinearLogprobs(torch.autograd.Function):
+    """Per-token label log-probs; the backward recomputes each chunk's logits from the saved lse."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, ignore_index, chunk):
+        N = hidden.shape[0]
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        logprob = torch.empty_like(lse)
+        fused_linear_pass(hidden, weight, labels, inv_temperature=1.0 / temperature, ignore_index=ignore_index,
+                          lse=lse, logprob=logprob, chunk=chunk)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature, ctx.ignore_index, ctx.chunk = temperature, ignore_index, chunk
+        return logprob
+
+    @staticmethod
+    def backward(ctx, grad_logprob):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        valid = labels != ctx.ignore_index
+        row_scale = torch.where(valid, -grad_logprob.float(), torch.zeros_like(lse))  # d logp / dz = -(p - onehot)
+        grad_hidden = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None  # contiguous
+        grad_weight = weight.new_zeros(weight.shape) if ctx.needs_input_grad[1] else None
+        if grad_hidden is not None or grad_weight is not None:
+            fused_linear_pass(hidden, weight, labels, inv_temperature=1.0 / ctx.temperature,
+                              ignore_index=ctx.ignore_index, lse=lse, row_scale=row_scale,
+                              grad_hidden=grad_hidden, grad_weight=grad_weight, chunk=ctx.chunk)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
+    """Raise ValueError naming the argument when shapes or dtypes do not fit [N, H], [V, H], [N]."""
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
+        raise ValueError(f"kernels.cross_entropy: want hidden [N, H], weight [V, H], labels [N]; got "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
+        raise ValueError(f"kernels.cross_entropy: shapes do not match: hidden {tuple(hidden.shape)}, "
+                         f"weight {tuple(weight.shape)}, labels {tuple(labels.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"kernels.cross_entropy: hidden {hidden.dtype} and weight {weight.dtype} dtypes differ")
+    if labels.is_floating_point():
+        raise ValueError(f"kernels.cross_entropy: labels must be integers, got {labels.dtype}")
+
+
+def linear_cross_entropy_triton(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+    reduction: str = "mean", chunk: int | None = None,
+) -> torch.Tensor:
+    """Fused version of linear_cross_entropy_torch. reduction "none" gives [N] fp32 (0 where ignored).
+    chunk overrides chunk_size() (tests use it to cross chunk edges with tiny N)."""
+    _check_labels(labels, weight.shape[0], ignore_index)
+    if reduction == "none":
+        return -FusedLinearLogprobs.apply(hidden, weight, labels, 1.0, ignore_index, chunk)
+    return FusedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk)
+
+
+def linear_logprobs_triton(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    ignore_index: int = -100, chunk: int | None = None,
+) -> torch.Tensor:
+    """Fused version of linear_logprobs_torch: [N] fp32 label log-probs, 0 where ignored."""
+    _check_labels(labels, weight.shape[0], ignore_index)
+    return FusedLinearLogprobs.apply(hidden, weight, labels, float(temperature), ignore_index, chunk)

@@ -1,0 +1,60 @@
+"""python train.py --stage STAGE --config cfg.toml [--set section.key=value ...] [--resume]
+
+Runs one stage of the pipeline (pt, sft, rm, dpo, kto, ppo) on an HF-format model directory and
+writes the trained model (or LoRA adapter), metrics.jsonl, curves.png and checkpoints into
+[train] output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from minirlhf.config import STAGES, ConfigError, load_config
+
+# each stage is one module with build_stage(cfg, device) -> trainer.Stage
+STAGE_MODULES = {"pt": "minirlhf.sft", "sft": "minirlhf.sft", "rm": "minirlhf.rm", "dpo": "minirlhf.dpo",
+                 "kto": "minirlhf.kto", "ppo": "minirlhf.ppo"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=STAGES, help="pipeline stage (or `stage = ...` in the config)")
+    p.add_argument("--config", required=True, help="TOML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from minirlhf.trainer import Trainer
+
+    args = parse_args(argv)
+    overrides = list(args.set) + (['train.resume="auto"'] if args.resume else [])
+    cfg = load_config(args.config, overrides, stage=args.stage)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stage = importlib.import_module(STAGE_MODULES[cfg.stage]).build_stage(cfg, device)
+    return Trainer(cfg, stage, device).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minirlhf.checkpoint import CheckpointError
+    from minirlhf.data import DataError
+    from minirlhf.trainer import TrainingError
+
+    try:
+        summary = run(argv)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(f"{summary['status']} at step {summary['step']}: {summary['output_dir']}")
+    return 0 if summary["status"] == "completed" else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
