@@ -385,6 +385,10 @@ class PPOSection:
     vf_coef: float = _f(0.1, "weight of the value loss")
     critic_lr: float = _f(0.0, "critic learning rate; 0 = train.lr")
     log_samples_every: int = _f(10, "rollouts between logged sample generations; 0 = never")
+    estimator: str = _f("gae", "advantages: gae (with the critic) | grpo (group-normalised, Shao et al. 2024) | "
+                               "rloo (leave-one-out, Ahmadian et al. 2024); the last two need no critic")
+    reward_dtype: str = _f("auto", "dtype of the frozen reward model: auto ([model] dtype) | float32 | bfloat16 "
+                                   "| float16")
 
     def validate(self) -> None:
         s = self.section
@@ -404,6 +408,12 @@ class PPOSection:
         _check(self.top_k >= 0, s, "top_k", ">= 0", self.top_k)
         _check(0.0 < self.top_p <= 1.0, s, "top_p", "in (0, 1]", self.top_p)
         _check(self.log_samples_every >= 0, s, "log_samples_every", ">= 0", self.log_samples_every)
+        _check_choice(s, "estimator", self.estimator, ("gae", "grpo", "rloo"))
+        _check_choice(s, "reward_dtype", self.reward_dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ConfigError(f"[{s}] samples_per_prompt must be >= 2 for estimator = "
+                              f"{_toml_value(self.estimator)} (it compares samples of one prompt), got "
+                              f"{self.samples_per_prompt}", s, "samples_per_prompt")
         # rollout -> minibatches (one optimizer step each) -> micro-batches (one forward/backward each)
         rollout = self.prompts_per_rollout * self.samples_per_prompt
         if rollout % self.minibatch_size:

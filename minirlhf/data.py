@@ -210,13 +210,19 @@ def _answer_messages(row: dict, key: str) -> list[dict[str, str]]:
 
 # ----------------------------------------------------------------------------- tokens and masks
 
-def _render(tok: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+def _render(tok: Any, messages: list[dict[str, str]], end_at_answer: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids and assistant mask of a conversation. end_at_answer drops what the template writes after
+    the final answer's end-of-turn token (chatml's trailing newline), so that a scored sequence ends where
+    a generated answer stops: the reward model is read at that token, in rm training and in ppo alike."""
     enc = tok.apply_chat_template(messages)
     ids, mask = list(enc.ids), [bool(m) for m in enc.assistant_mask]
     if len(ids) != len(mask):
         raise _RowError(f"chat template gave {len(ids)} ids but {len(mask)} assistant-mask entries")
     if not any(mask):
         raise _RowError("the chat template marked no assistant tokens (does it support assistant masks?)")
+    if end_at_answer:
+        end = max(i for i, m in enumerate(mask) if m) + 1
+        ids, mask = ids[:end], mask[:end]
     return ids, mask
 
 
@@ -328,7 +334,7 @@ def encode_preference(row: Any, tok: Any, data: DataSection, margin_field: str =
         raise _RowError(f"'{data.chosen_field}' and '{data.rejected_field}' must share every turn but the last")
     sides = []
     for messages in (chosen, rejected):
-        ids, mask = _render(tok, _with_system(messages, row, data))
+        ids, mask = _render(tok, _with_system(messages, row, data), end_at_answer=True)
         split = _last_answer_start(mask)
         labels = [t if m and i >= split else IGNORE_INDEX for i, (t, m) in enumerate(zip(ids, mask))]
         sides.append((ids, labels, split))

@@ -48,7 +48,7 @@ from minirlhf.lora import disable_adapters, has_lora
 from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.trainer import Stage
+from minirlhf.trainer import Stage, autocast_for
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +58,6 @@ SIDES = ("chosen", "rejected")
 
 # --------------------------------------------------------------------------------------------------
 # shared with kto.py: precision, sequence log-probs, the reference model
-
-
-def autocast_context(cfg: Config, device: torch.device | str):
-    """The trainer's precision rule (Trainer.autocast): bf16 autocast on CUDA or when asked, else none.
-    Used for the passes that run outside the trainer (reference precompute) so they match training."""
-    device = torch.device(device)
-    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def sequence_logps(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -304,7 +295,7 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PreferenceSt
     for tag, examples in parts.items():
         if examples:
             logps = precompute_reference(reference, examples, data.collate, cfg.train.micro_batch_size, device,
-                                         autocast_context(cfg, device), cache, tag)
+                                         autocast_for(cfg.train.precision, device), cache, tag)
             parts[tag] = with_reference_logps(examples, logps)
     del reference  # a loaded or copied reference model is freed here; only its log-probs are kept
     if torch.cuda.is_available():

@@ -369,7 +369,7 @@ def merge_and_unload(model: Transformer) -> Transformer:
         _set_module(model, name, linear)
     for name, m in list(saved_modules(model)):
         _set_module(model, name, m.modules_to_save)
-    if model.config.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
+    if model.config.tie_word_embeddings and model.lm_head is not None and model.lm_head.weight is not model.embed_tokens.weight:
         if model.config.is_gpt2:
             raise LoRAError("gpt2 ties lm_head to the token embedding; an adapted or saved lm_head cannot "
                             "be written as a gpt2 checkpoint (leave lm_head out of the adapter)")

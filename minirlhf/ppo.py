@@ -225,14 +225,6 @@ class PolicyAndCritic(nn.Module):
         self.critic = critic
 
 
-class _HeldSchedule:
-    """Stands in for the trainer's lr scheduler while a rollout makes its optimizer updates, so the
-    schedule advances once per rollout (see the module docstring)."""
-
-    def step(self) -> None:
-        pass
-
-
 def _decay_groups(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Trainable parameters split as Stage.param_groups does: decay on matrices except embeddings."""
     decay, no_decay = [], []
@@ -405,45 +397,45 @@ class PPOStage(Stage):
         sums: dict[str, float] = {}
         updates, stopped = 0, False
         n_micro = p.minibatch_size // p.micro_batch_size
-        scheduler, trainer.scheduler = trainer.scheduler, _HeldSchedule()
-        try:
-            for _ in range(p.ppo_epochs):
-                order = torch.randperm(rollout.size)
-                for start in range(0, rollout.size, p.minibatch_size):
-                    rows = order[start: start + p.minibatch_size]
-                    tokens = float(rollout.response_mask[rows.to(rollout.response_mask.device)].sum())
-                    minibatch: dict[str, float] = {}
-                    for micro in rows.split(p.micro_batch_size):
-                        batch = rollout.select(micro)
-                        share = float(batch.response_mask.sum()) / tokens
-                        with trainer.autocast():
-                            loss, metrics = self.micro_batch_loss(batch, share)
-                            weights = dict.fromkeys(metrics, share)  # token means over the minibatch
-                            if self.ptx is not None:
-                                ptx_loss = causal_lm_loss(self.policy, trainer.to_device(next(self.ptx)))
-                                loss = loss + p.ptx_coef * ptx_loss / n_micro
-                                metrics["ptx_loss"], weights["ptx_loss"] = ptx_loss.detach(), 1.0 / n_micro
-                        trainer.backward(loss, metrics)
-                        for k, v in metrics.items():
-                            minibatch[k] = minibatch.get(k, 0.0) + float(v) * weights[k]
-                        minibatch["loss"] = minibatch.get("loss", 0.0) + float(loss.detach())
-                    minibatch.update(trainer.optimizer_step())
-                    updates += 1
-                    for k, v in minibatch.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    if p.early_stop_kl > 0 and minibatch["approx_kl"] > p.early_stop_kl:
-                        stopped = True
-                        break
-                if stopped:
+        for _ in range(p.ppo_epochs):
+            order = torch.randperm(rollout.size)
+            for start in range(0, rollout.size, p.minibatch_size):
+                rows = order[start: start + p.minibatch_size]
+                tokens = float(rollout.response_mask[rows.to(rollout.response_mask.device)].sum())
+                minibatch: dict[str, float] = {}
+                for micro in rows.split(p.micro_batch_size):
+                    batch = rollout.select(micro)
+                    share = float(batch.response_mask.sum()) / tokens
+                    with trainer.autocast():
+                        loss, metrics = self.micro_batch_loss(batch, share)
+                        weights = dict.fromkeys(metrics, share)  # token means over the minibatch
+                        if self.ptx is not None:
+                            ptx_loss = causal_lm_loss(self.policy, trainer.to_device(next(self.ptx)))
+                            loss = loss + p.ptx_coef * ptx_loss / n_micro
+                            metrics["ptx_loss"], weights["ptx_loss"] = ptx_loss.detach(), 1.0 / n_micro
+                    trainer.backward(loss, metrics)
+                    for k, v in metrics.items():
+                        minibatch[k] = minibatch.get(k, 0.0) + float(v) * weights[k]
+                    minibatch["loss"] = minibatch.get("loss", 0.0) + float(loss.detach())
+                minibatch.update(trainer.optimizer_step(advance_schedule=False))
+                updates += 1
+                for k, v in minibatch.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if p.early_stop_kl > 0 and minibatch["approx_kl"] > p.early_stop_kl:
+                    stopped = True
                     break
-        finally:
-            trainer.scheduler = scheduler
-        scheduler.step()
+            if stopped:
+                break
+        trainer.scheduler.step()  # the lr schedule counts rollouts, not updates
         out = {k: v / updates for k, v in sums.items()}
         out.update(updates=float(updates), early_stopped=float(stopped))
         return out
 
     # -- one trainer step ----------------------------------------------------------------------
+
+    def steps_per_epoch(self) -> int:
+        """One rollout per trainer step: a pass over the prompts is this many steps."""
+        return self.batches.batches_per_epoch
 
     def train_step(self, trainer: Trainer) -> StepResult:
         prompts = trainer.to_device(next(self.batches))
@@ -548,13 +540,16 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PPOStage:
     policy = apply_lora(cfg, policy)
 
     dtype = DTYPES[cfg.model.dtype]
-    reward_model = _frozen(RewardModel.from_pretrained(p.reward_model, dtype=dtype, device=device))
+    reward_dtype = DTYPES[p.reward_dtype] if p.reward_dtype != "auto" else dtype
+    reward_model = _frozen(RewardModel.from_pretrained(p.reward_model, dtype=reward_dtype, device=device))
     reward_model.backbone.kernel_backend = cfg.model.backend
-    critic = RewardModel.from_pretrained(p.critic_model or p.reward_model, dtype=dtype, device=device,
-                                         seed=cfg.train.seed)
-    critic.backbone.kernel_backend = cfg.model.backend
-    critic.backbone.activation_checkpointing = cfg.train.activation_checkpointing
-    apply_lora(cfg, critic.backbone)  # freezes the backbone under an adapter; the value head trains in full
+    critic = None
+    if p.estimator == "gae":
+        critic = RewardModel.from_pretrained(p.critic_model or p.reward_model, dtype=dtype, device=device,
+                                             seed=cfg.train.seed)
+        critic.backbone.kernel_backend = cfg.model.backend
+        critic.backbone.activation_checkpointing = cfg.train.activation_checkpointing
+        apply_lora(cfg, critic.backbone)  # freezes the backbone under an adapter; the value head trains in full
 
     data = build_datasets(cfg, tok)
     ptx = None
@@ -568,4 +563,4 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PPOStage:
                             seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     score_fn = reward_model_scorer(reward_model, p.micro_batch_size)
     return PPOStage(cfg, policy, tok, data.train, score_fn, critic=critic, reference=reference,
-                    eval_prompts=data.eval, ptx=ptx)
+                    eval_prompts=data.eval, ptx=ptx, estimator=p.estimator)

@@ -82,9 +82,13 @@ class Stage:
             trainer.backward(loss / accum, metrics)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / accum
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
         totals.update(trainer.optimizer_step())
         return StepResult(totals, tokens)
+
+    def steps_per_epoch(self) -> int:
+        """Trainer steps in one pass over the data (ppo: over the prompts, one rollout a step)."""
+        return math.ceil(self.batches.batches_per_epoch / self.cfg.train.grad_accum)
 
     def evaluate(self, trainer: "Trainer") -> dict[str, float]:
         """Metrics on the eval data (prefixed "eval/" by the trainer); none by default."""
@@ -103,7 +107,17 @@ class Stage:
 
 
 # --------------------------------------------------------------------------------------------------
-# schedule
+# precision and schedule
+
+
+def autocast_for(precision: str, device: torch.device | str):
+    """bf16 autocast on GPU (or when asked for with precision = "bf16"), plain float32 otherwise.
+    Passes outside the loop (dpo's reference precompute, ppo's rollout) use it to match training."""
+    device = torch.device(device)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -196,17 +210,13 @@ class Trainer:
         t = self.cfg.train
         if t.max_steps:
             return t.max_steps
-        return t.epochs * math.ceil(self.stage.batches.batches_per_epoch / t.grad_accum)
+        return t.epochs * self.stage.steps_per_epoch()
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def autocast(self):
-        """bf16 autocast on GPU (or when asked for), plain float32 otherwise."""
-        precision = self.cfg.train.precision
-        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast_for(self.cfg.train.precision, self.device)
 
     def backward(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor] | None = None) -> None:
         """Backpropagate, refusing a non-finite loss before it can reach the weights."""
@@ -218,8 +228,10 @@ class Trainer:
                                 f"{where}. Try a lower lr, fp32 precision, or check the data.")
         loss.backward()
 
-    def optimizer_step(self) -> dict[str, float]:
-        """Clip, step, schedule; returns grad_norm and lr."""
+    def optimizer_step(self, advance_schedule: bool = True) -> dict[str, float]:
+        """Clip, step and (unless told not to) advance the lr schedule; returns grad_norm and lr.
+
+        ppo makes several updates per trainer step and advances the schedule once per rollout."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.train.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -228,7 +240,8 @@ class Trainer:
             raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; "
                                 f"last good checkpoint: {self.last_checkpoint or 'none yet'}")
         self.optimizer.step()
-        self.scheduler.step()
+        if advance_schedule:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(norm), "lr": self.optimizer.param_groups[0]["lr"]}
 

@@ -396,7 +396,12 @@ def test_real_tokenizer_sft_preference_prompt(sp_tokenizer):
     assert spans[-1][-1] == tok.token_to_id("<|im_end|>") and spans[-1][-1] in tok.stop_ids
 
     pref = encode_preference({"prompt": msgs[:4], "chosen": "lazy dog", "rejected": "quick"}, tok, data())
-    assert pref["chosen_input_ids"] == hf.apply_chat_template(msgs, tokenize=True)["input_ids"]
+    # a preference sequence ends at the answer's <|im_end|> (where generation stops and the reward model
+    # reads its score): transformers' ids minus the template's trailing newline
+    full = hf.apply_chat_template(msgs, tokenize=True)["input_ids"]
+    assert tok.decode(full[len(pref["chosen_input_ids"]):]) == "\n"
+    assert pref["chosen_input_ids"] == full[:len(pref["chosen_input_ids"])]
+    assert pref["chosen_input_ids"][-1] == tok.token_to_id("<|im_end|>")
     assert [tok.decode(s) for s in trained_spans(pref["rejected_input_ids"], pref["rejected_labels"])] == [
         "quick<|im_end|>"]
     assert pref["chosen_input_ids"][:pref["prompt_len"]] == hf.apply_chat_template(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -170,11 +171,18 @@ def test_reward_bounded_on_random_text() -> None:
 
 def test_documents_are_longer_than_answers() -> None:
     rng = random.Random(3)
+    named_again = 0
     for _ in range(100):
         topic = rng.choice(task.TOPICS)
-        j = judge(task.make_prompt(topic, 1), task.sample_document(rng, topic))
+        doc = task.sample_document(rng, topic)
+        j = judge(task.make_prompt(topic, 1), doc)
         assert 3 <= j.sentences <= 6 and j.on_topic
-        assert j.repeat_penalty == j.unknown_penalty == j.fragment_penalty == 0
+        assert j.unknown_penalty == j.fragment_penalty == 0
+        # only the topic may come back, as later sentences name it again
+        mentions = re.findall(r"[a-z]+", doc.lower()).count(topic)
+        assert j.repeat_penalty == task.REPEAT_PENALTY * (mentions - 1)
+        named_again += mentions > 1
+    assert 50 < named_again < 100  # 1 - 0.6**(n-1) for n in 3..6 sentences: 0.64 .. 0.92
 
 
 # ------------------------------------------------------------------------------------------------

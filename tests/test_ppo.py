@@ -210,7 +210,7 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(tiny, tmp_path):
         rollout = first_rollout(stage, trainer)
         seen = {}
 
-        def record(stage=stage, seen=seen):
+        def record(advance_schedule=True, stage=stage, seen=seen):
             seen.update({n: p.grad.clone() for n, p in stage.model.named_parameters() if p.grad is not None})
             stage.model.zero_grad(set_to_none=True)
             return {}

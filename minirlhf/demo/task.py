@@ -288,16 +288,20 @@ def sample_sentence(rng: random.Random, polarity: int, topic: str | None = None)
     return f"It was {phrase}." if form == 1 else f"The {rng.choice(ASPECTS)} was {phrase}."
 
 
-def _has_repeats(sentences: Sequence[str]) -> bool:
+def _has_repeats(sentences: Sequence[str], topic: str | None) -> bool:
     words = [w for s in sentences for w in re.findall(r"[a-z]+", s.lower()) if w not in FUNCTION_WORDS]
+    words = [w for w in words if w != topic]
     return len(words) != len(set(words))
 
 
-def sample_text(rng: random.Random, topic: str, polarities: Sequence[int]) -> str:
-    """Sentences with the given polarities, the first naming `topic`, no content word repeated."""
+def sample_text(rng: random.Random, topic: str, polarities: Sequence[int], topic_rate: float = 0.0) -> str:
+    """Sentences with the given polarities, the first naming `topic`, each later one naming it again
+    with probability `topic_rate` (only then is the topic word repeated); no other content word repeats.
+    """
     while True:
-        sentences = [sample_sentence(rng, p, topic if i == 0 else None) for i, p in enumerate(polarities)]
-        if not _has_repeats(sentences):
+        names = [i == 0 or rng.random() < topic_rate for i in range(len(polarities))]
+        sentences = [sample_sentence(rng, p, topic if n else None) for p, n in zip(polarities, names)]
+        if not _has_repeats(sentences, topic if topic_rate > 0 else None):
             return " ".join(sentences)
 
 
@@ -354,11 +358,15 @@ def sample_corruption(rng: random.Random, prompt: str, kind: str | None = None) 
     raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS}")
 
 
-def sample_document(rng: random.Random, topic: str, min_sentences: int = 3, max_sentences: int = 6) -> str:
+def sample_document(
+    rng: random.Random, topic: str, min_sentences: int = 3, max_sentences: int = 6, topic_rate: float = 0.4
+) -> str:
     """A pretraining document: a longer review of `topic` with sentences of random polarity.
 
     Longer than any good answer on purpose, so a pretrained model rambles and sft visibly teaches it
-    to stop after one or two sentences.
+    to stop after one or two sentences. Later sentences name the topic again with probability
+    `topic_rate`, so pretraining already teaches the model to copy the topic from its context, the
+    skill an answer needs to name the topic of the prompt.
     """
     n = rng.randint(min_sentences, max_sentences)
-    return sample_text(rng, topic, [rng.choice((-1, 0, 1)) for _ in range(n)])
+    return sample_text(rng, topic, [rng.choice((-1, 0, 1)) for _ in range(n)], topic_rate)
