@@ -1,4 +1,5 @@
 """python train.py --stage STAGE --config cfg.toml [--set section.key=value ...] [--resume]
+torchrun --nproc_per_node=N train.py ...   (FSDP2 over N processes, see docs/distributed.md)
 
 Runs one stage of the pipeline (pt, sft, rm, dpo, kto, ppo) on an HF-format model directory and
 writes the trained model (or LoRA adapter), metrics.jsonl, curves.png and checkpoints into
@@ -29,17 +30,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(argv: list[str] | None = None) -> dict:
+def build_trainer(cfg, device_name: str | None = None):
+    """The stage of cfg and its Trainer; under torchrun the stage is sharded first (FSDP2)."""
     import torch
 
+    from minirlhf import distributed
     from minirlhf.trainer import Trainer
+
+    ctx = distributed.init_distributed(cfg)
+    device = ctx.device if ctx is not None else \
+        torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stage = importlib.import_module(STAGE_MODULES[cfg.stage]).build_stage(cfg, device)
+    if ctx is not None:
+        distributed.prepare_stage(stage, ctx)
+    return Trainer(cfg, stage, device, dist=ctx)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    from minirlhf import distributed
 
     args = parse_args(argv)
     overrides = list(args.set) + (['train.resume="auto"'] if args.resume else [])
     cfg = load_config(args.config, overrides, stage=args.stage)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stage = importlib.import_module(STAGE_MODULES[cfg.stage]).build_stage(cfg, device)
-    return Trainer(cfg, stage, device).fit()
+    trainer = build_trainer(cfg, args.device)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.close(trainer.dist)
 
 
 def main(argv: list[str] | None = None) -> int:

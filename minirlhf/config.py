@@ -218,6 +218,11 @@ class TrainSection:
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
     precision: str = _f("auto", "auto (bf16 autocast where supported, else fp32) | fp32 | bf16")
     activation_checkpointing: bool = _f(False, "recompute each block's activations in backward")
+    fsdp_cpu_offload: bool = _f(False, "under torchrun: keep FSDP's sharded weights, gradients and optimizer "
+                                       "states in host memory (slower, for models that do not fit)")
+    fsdp_reshard_after_forward: bool = _f(True, "under torchrun: free each block's gathered weights after its "
+                                                "forward and gather again in backward (ZeRO-3); false keeps "
+                                                "them (ZeRO-2: faster, more memory)")
     compile: bool = _f(False, "torch.compile the model")
     eval_every: int = _f(0, "optimizer steps between evaluations; 0 = only at the end")
     save_every: int = _f(0, "optimizer steps between checkpoints; 0 = only at the end")

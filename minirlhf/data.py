@@ -28,6 +28,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 from dataclasses import dataclass, field
@@ -753,6 +754,14 @@ class BatchIterator:
                  seed: int = 0, shuffle: bool = True, drop_last: bool = False):
         self.examples, self.collate = examples, collate
         self.sampler = ResumableSampler(len(examples), batch_size, seed, shuffle, drop_last)
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only rank's share: of each world_size consecutive batches of the single-process order,
+        the rank-th. Every rank advances the sampler alike, so its state stays the global position."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"BatchIterator.shard: rank must be in [0, {world_size}), got {rank}")
+        self.rank, self.world_size = rank, world_size
 
     @property
     def epoch(self) -> int:
@@ -760,13 +769,15 @@ class BatchIterator:
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
+        """Batches this rank reads per pass over the data."""
+        return math.ceil(self.sampler.batches_per_epoch / self.world_size)
 
     def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> Any:
-        return self.collate([self.examples[i] for i in next(self.sampler)])
+        batches = [next(self.sampler) for _ in range(self.world_size)]
+        return self.collate([self.examples[i] for i in batches[self.rank]])
 
     def state_dict(self) -> dict[str, int]:
         return self.sampler.state_dict()

@@ -54,6 +54,7 @@ from minirlhf.data import (
     load_examples,
     pack_documents,
 )
+from minirlhf.distributed import all_mean, gather_cat, world_size
 from minirlhf.heads import RewardModel
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.lora import disable_adapters, lora_layers, merge_and_unload
@@ -280,6 +281,8 @@ class PPOStage(Stage):
                        else FixedKLController(p.kl_coef))
         self.reward_moments = RunningMoments()
         self.stop_ids = list(tok.stop_ids)
+        # under torchrun, distributed.prepare_stage swaps in a context that gathers the sharded policy
+        self.generation_context = nullcontext
 
     # -- optimizer and resume ------------------------------------------------------------------
 
@@ -312,10 +315,11 @@ class PPOStage(Stage):
         the seconds spent generating and scoring."""
         p = self.cfg.ppo
         start = time.perf_counter()
-        rollout, _ = generate_rollout(self.policy, prompts["input_ids"], prompts["attention_mask"],
-                                      samples_per_prompt=p.samples_per_prompt, max_new_tokens=p.max_new_tokens,
-                                      temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                      stop_ids=self.stop_ids, pad_id=self.tok.pad_id)
+        with self.generation_context():
+            rollout, _ = generate_rollout(self.policy, prompts["input_ids"], prompts["attention_mask"],
+                                          samples_per_prompt=p.samples_per_prompt, max_new_tokens=p.max_new_tokens,
+                                          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                          stop_ids=self.stop_ids, pad_id=self.tok.pad_id)
         generated = _sync_time(rollout.input_ids)
         was_training = self.model.training
         self.model.eval()  # old log-probs without dropout (ratio 1 at the first update when dropout is 0)
@@ -350,7 +354,7 @@ class PPOStage(Stage):
         for answers without a stop token, clipped to +-reward_clip (when > 0)."""
         p = self.cfg.ppo
         if p.reward_norm:
-            self.reward_moments.update(scores)
+            self.reward_moments.update(gather_cat(scores))  # every rank's scores: one running mean
             scores = self.reward_moments.normalize(scores)
         scores = scores - p.missing_eos_penalty * (~has_stop).to(scores.dtype)
         if p.reward_clip > 0:
@@ -421,7 +425,7 @@ class PPOStage(Stage):
                 updates += 1
                 for k, v in minibatch.items():
                     sums[k] = sums.get(k, 0.0) + v
-                if p.early_stop_kl > 0 and minibatch["approx_kl"] > p.early_stop_kl:
+                if p.early_stop_kl > 0 and all_mean(minibatch["approx_kl"]) > p.early_stop_kl:  # ranks agree
                     stopped = True
                     break
             if stopped:
@@ -448,7 +452,7 @@ class PPOStage(Stage):
 
         mask = rollout.response_mask
         kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1).mean()  # k1, nats per sequence
-        self.kl_ctl.update(float(kl), rollout.size)
+        self.kl_ctl.update(all_mean(float(kl)), rollout.size * world_size())  # the same beta on every rank
         metrics = {
             "score/mean": float(rollout.raw_scores.mean()),
             "score/std": float(rollout.raw_scores.std()) if rollout.size > 1 else 0.0,
@@ -465,7 +469,7 @@ class PPOStage(Stage):
             metrics["value/mean"] = float(masked_mean(rollout.values, mask))
             metrics["explained_variance"] = explained_variance(rollout.values, rollout.returns, mask)
         every = self.cfg.ppo.log_samples_every
-        if every and (trainer.step + 1) % every == 0:
+        if every and (trainer.step + 1) % every == 0 and trainer.is_main:
             self.log_samples(rollout, trainer.step + 1)
         return StepResult(metrics, int(rollout.attention_mask.sum()))
 
@@ -491,9 +495,10 @@ class PPOStage(Stage):
         collate = functools.partial(collate_prompts, pad_id=self.tok.pad_id)
         for start in range(0, len(self.eval_prompts), p.minibatch_size):
             prompts = trainer.to_device(collate(self.eval_prompts[start: start + p.minibatch_size]))
-            rollout, _ = generate_rollout(self.policy, prompts["input_ids"], prompts["attention_mask"],
-                                          max_new_tokens=p.max_new_tokens, temperature=0.0,
-                                          stop_ids=self.stop_ids, pad_id=self.tok.pad_id)
+            with self.generation_context():
+                rollout, _ = generate_rollout(self.policy, prompts["input_ids"], prompts["attention_mask"],
+                                              max_new_tokens=p.max_new_tokens, temperature=0.0,
+                                              stop_ids=self.stop_ids, pad_id=self.tok.pad_id)
             scores.append(self.score_fn(rollout).float().cpu())
             lengths.append(rollout.response_mask.sum(-1).float().cpu())
         return {"score": float(torch.cat(scores).mean()), "response_length": float(torch.cat(lengths).mean())}

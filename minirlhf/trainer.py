@@ -178,9 +178,13 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 class Trainer:
     """Runs a Stage under a Config: `Trainer(cfg, stage).fit()`."""
 
-    def __init__(self, cfg: Config, stage: Stage, device: torch.device | str | None = None):
+    def __init__(self, cfg: Config, stage: Stage, device: torch.device | str | None = None, dist=None):
+        """dist: a distributed.DistContext when run under torchrun (the stage already prepared by
+        distributed.prepare_stage), else None."""
         self.cfg = cfg
         self.stage = stage
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out = Path(cfg.train.output_dir)
         self.step = 0
@@ -195,7 +199,7 @@ class Trainer:
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise TrainingError("the model has no trainable parameters")
-        fused = self.device.type == "cuda"
+        fused = self.device.type == "cuda" and not (dist is not None and dist.cpu_offload)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                            eps=cfg.train.adam_eps, fused=fused)
         self.total_steps = self._total_steps()
@@ -235,6 +239,8 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.train.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
+            norm = norm.full_tensor()
         if not bool(torch.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; "
@@ -258,6 +264,8 @@ class Trainer:
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step:07d}"
         tmp = root / f".tmp-step-{self.step:07d}"
+        if self.dist is not None:
+            return self._save_sharded(tmp, final, boundary)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(trainable_state(self.stage.model), tmp / "trainable.safetensors")
@@ -274,7 +282,64 @@ class Trainer:
         self.last_checkpoint = final
         return final
 
+    def _save_sharded(self, tmp: Path, final: Path, boundary: dict[str, Any] | None) -> Path:
+        """The torchrun version of save_checkpoint: every rank writes its shards (DCP) and RNG state into
+        the temporary folder, rank 0 the run state; after a barrier rank 0 renames it into place."""
+        from minirlhf import distributed
+
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self.dist.barrier()
+        state = {**(boundary or self._resumable_state())}
+        distributed.save_sharded(tmp, self.stage.model, self.optimizer)
+        own = tmp / f"rng-{self.dist.rank}.pt"
+        torch.save(state.pop("rng"), own)
+        files = [own]
+        if self.is_main:
+            torch.save({"step": self.step, "scheduler": self.scheduler.state_dict(), "world_size":
+                        self.dist.world_size, **state}, tmp / "state.pt")
+            files = list(tmp.iterdir())
+        for f in files:  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        self.dist.barrier()
+        if self.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in checkpoint_dirs(self.out)[: -self.cfg.train.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        self.last_checkpoint = final
+        return final
+
+    def _load_sharded(self, path: Path) -> None:
+        """Resume from a DCP checkpoint, on any world size (or in a plain process). A rank without a saved
+        RNG state (more ranks than the saving run) is seeded from seed, rank and step."""
+        from minirlhf import distributed
+
+        try:
+            distributed.load_sharded(path, self.stage.model, self.optimizer)
+        except Exception as e:  # DCP names the first missing key or mismatched shape
+            raise TrainingError(f"{path}: sharded checkpoint does not fit this run: {e}") from e
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stage.batches.load_state_dict(state["data"])
+        self.stage.load_state_dict(state["stage"])
+        rank = self.dist.rank if self.dist is not None else 0
+        rng = path / f"rng-{rank}.pt"
+        if rng.exists():
+            set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        else:
+            seed_everything(self.cfg.train.seed + 1000 * rank + state["step"])
+        self.step = state["step"]
+        self.last_checkpoint = path
+
     def load_checkpoint(self, path: Path) -> None:
+        from minirlhf.distributed import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(path):
+            return self._load_sharded(path)
         weights = load_file(path / "trainable.safetensors")
         params = dict(self.stage.model.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
@@ -338,15 +403,20 @@ class Trainer:
         """Train to total_steps; returns a summary. Ctrl-C saves a checkpoint and returns."""
         t = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(self.out)
-        seed_everything(t.seed)
+        rank = self.dist.rank if self.dist is not None else 0
+        if self.is_main:
+            self.cfg.save(self.out)
+        seed_everything(t.seed + 1000 * rank)  # ranks sample (dropout, ppo answers) independently
         resume = self._resume_path()
         if resume is not None:
             self.load_checkpoint(resume)
-        self._metrics_file = self._open_metrics()
-        self._tb = self._tensorboard()
+        if self.dist is not None:
+            self.dist.barrier()  # rank 0 may still be cutting metrics.jsonl of a resumed run
+        self._metrics_file = self._open_metrics() if self.is_main else open(os.devnull, "w")
+        self._tb = self._tensorboard() if self.is_main else None
         status = "completed"
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.stage, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.stage, dynamic_ncols=True,
+                   disable=not self.is_main)
         try:
             self.stage.model.train()
             while self.step < self.total_steps:
@@ -355,7 +425,10 @@ class Trainer:
                 result = self.stage.train_step(self)
                 self.step += 1
                 elapsed = time.perf_counter() - start
-                row = {"step": self.step, **result.metrics, "tokens_per_s": result.tokens / elapsed}
+                metrics, tokens = result.metrics, result.tokens
+                if self.dist is not None:  # means over ranks; tokens of all ranks
+                    metrics, tokens = self.dist.mean_metrics(metrics), self.dist.sum(tokens)
+                row = {"step": self.step, **metrics, "tokens_per_s": tokens / elapsed}
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     self.log(row)
                 bar.update(1)
@@ -377,8 +450,14 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
         if status == "completed":
-            self.stage.save_final(self.out)
-            plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
+            if self.dist is not None:
+                from minirlhf.distributed import export_final
+
+                export_final(self.stage, self.out, self.dist)
+            else:
+                self.stage.save_final(self.out)
+            if self.is_main:
+                plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
         return {"status": status, "step": self.step, "output_dir": str(self.out)}
 
     def run_eval(self) -> dict[str, float]:

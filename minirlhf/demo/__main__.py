@@ -22,7 +22,7 @@ POLICY_STAGES = ("pt", "sft", "dpo", "kto", "ppo")  # stages whose output is a p
 PIPELINE = ("pt", "sft", "rm", "dpo", "kto", "ppo")
 
 
-def prepare(vocab_size: int = 512) -> None:
+def prepare(vocab_size: int = 1024) -> None:
     """Generate the task's data files and train its SentencePiece tokenizer (once)."""
     from minirlhf.demo.data import generate_demo_data, tokenizer_corpus
     from minirlhf.tokenizer import train_sentencepiece

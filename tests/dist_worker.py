@@ -1,0 +1,61 @@
+"""What tests/test_distributed.py launches with torchrun: train.py's run, plus measurements of the sharded
+model that only a live process group can take.
+
+    torchrun --nproc_per_node=2 tests/dist_worker.py --stage sft --config cfg.toml [--set k=v ...]
+        [--report report.json]
+
+The report (written by rank 0) holds, per rank, the parameter bytes held locally vs unsharded, and the
+logits of the trained sharded model on a fixed batch (for comparison with the exported HF directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minirlhf import distributed
+from minirlhf.config import load_config
+from minirlhf.model import Transformer
+from train import build_trainer
+
+torch.set_num_threads(1)  # two ranks on two shared cores
+
+PROBE = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--stage", required=True)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--report", default=None)
+    args = p.parse_args()
+    cfg = load_config(args.config, args.set, stage=args.stage)
+    trainer = build_trainer(cfg)
+    ctx = trainer.dist
+    local, full = distributed.local_parameter_bytes(trainer.stage.model)
+    summary = trainer.fit()
+    report = {"summary": summary, "world_size": ctx.world_size}
+    model = trainer.stage.model
+    if isinstance(model, Transformer):
+        model.eval()
+        with torch.no_grad():
+            logits = model(PROBE.to(ctx.device))
+        report["logits"] = logits.float().cpu().tolist()
+    rows = [None] * ctx.world_size
+    dist.all_gather_object(rows, {"rank": ctx.rank, "local_bytes": local, "full_bytes": full})
+    report["memory"] = rows
+    if ctx.is_main and args.report:
+        Path(args.report).write_text(json.dumps(report))
+    distributed.close(ctx)
+
+
+if __name__ == "__main__":
+    main()
