@@ -55,10 +55,15 @@ def build_model(cfg: Config, tok: Tokenizer, path: str | None = None, device: to
     else:
         torch.manual_seed(cfg.train.seed)
         model = Transformer(fresh_model_config(cfg, tok)).to(device)
+    return prepare_backbone(cfg, tok, model, path)
+
+
+def prepare_backbone(cfg: Config, tok: Tokenizer, model: Transformer, source: str) -> Transformer:
+    """Check the tokenizer fits the embeddings and apply the run's kernel and checkpointing switches."""
     if tok.vocab_size > model.config.vocab_size:
         raise ConfigError(
             f"[model] the tokenizer at {cfg.model.tokenizer_path!r} has {tok.vocab_size} tokens but the model "
-            f"{path or '(fresh)'} only {model.config.vocab_size} embeddings", "model", "tokenizer")
+            f"{source or '(fresh)'} only {model.config.vocab_size} embeddings", "model", "tokenizer")
     model.kernel_backend = cfg.model.backend
     model.activation_checkpointing = cfg.train.activation_checkpointing
     return model

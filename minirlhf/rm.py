@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from minirlhf.build import DTYPES, apply_lora, build_tokenizer, fresh_model_config
-from minirlhf.config import Config, ConfigError
+from minirlhf.build import DTYPES, apply_lora, build_tokenizer, fresh_model_config, prepare_backbone
+from minirlhf.config import Config
 from minirlhf.data import BatchIterator, build_datasets
 from minirlhf.heads import RewardModel
 from minirlhf.losses import reward_pair_loss
@@ -67,12 +67,7 @@ def build_reward_model(cfg: Config, tok: Tokenizer, device: torch.device | str =
     else:
         torch.manual_seed(cfg.train.seed)
         model = RewardModel(fresh_model_config(cfg, tok)).to(device)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ConfigError(
-            f"[model] the tokenizer at {cfg.model.tokenizer_path!r} has {tok.vocab_size} tokens but the model "
-            f"{cfg.model.path or '(fresh)'} only {model.config.vocab_size} embeddings", "model", "tokenizer")
-    model.backbone.kernel_backend = cfg.model.backend
-    model.backbone.activation_checkpointing = cfg.train.activation_checkpointing
+    prepare_backbone(cfg, tok, model.backbone, cfg.model.path)
     apply_lora(cfg, model.backbone)
     return model
 
