@@ -22,18 +22,14 @@ Without CUDA it prints why and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
+from results import RESULTS, ROOT, append_rows, today, versions
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 CONFIG = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
           "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048}
@@ -118,14 +114,15 @@ def main() -> None:
         return
     name = torch.cuda.get_device_name(0)
     shape = f"llama {n_params / 1e9:.2f}B, B={args.batch}, T={args.seq}, bf16" + (", AC" if args.checkpointing else "")
-    versions = f"torch {torch.__version__}, python {platform.python_version()}"
-    with open(RESULTS, "a") as f:
-        for kind, (sec, mem) in rows.items():
-            tps = tokens / sec
-            mfu = tps * flops / (args.peak_tflops * 1e12)
-            what = "train step, FSDP2 one GPU vs plain" if kind == "fsdp" else "train step, plain (baseline)"
-            f.write(f"| {datetime.date.today()} | {what} | {shape} | {sec * 1e3:.1f} ms | {tps:,.0f} tok/s, MFU "
-                    f"{mfu:.1%} | {ratio:.3f} | peak {mem:.1f} GB | {name} | {versions} |\n")
+    env_versions, date = versions("torch", "python"), today()
+    table = []
+    for kind, (sec, mem) in rows.items():
+        tps = tokens / sec
+        mfu = tps * flops / (args.peak_tflops * 1e12)
+        what = "train step, FSDP2 one GPU vs plain" if kind == "fsdp" else "train step, plain (baseline)"
+        table.append([date, what, shape, f"{sec * 1e3:.1f} ms", f"{tps:,.0f} tok/s, MFU {mfu:.1%}", f"{ratio:.3f}",
+                      f"peak {mem:.1f} GB", name, env_versions])
+    append_rows(table)
 
 
 if __name__ == "__main__":

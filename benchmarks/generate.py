@@ -21,8 +21,6 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,19 +29,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from results import RESULTS, ROOT, append_rows, cpu_name, today, versions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(ROOT))
 from minirlhf.model import Transformer
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = """# Benchmark results
-
-Rows are appended by the scripts in benchmarks/ (never rewritten). `ratio` compares with the baseline
-named in `what`, measured in the same run on the same machine; >1 means ours is better.
-
-| date | what | shape | time | throughput | ratio | memory | device | versions |
-|---|---|---|---|---|---|---|---|---|
-"""
 
 # "tiny": per-step matmuls are cheap, so the time is the decode loop's own overhead (Python, small
 # ops); "small": GQA, untied head, matmuls dominate and both sides share the same floor.
@@ -56,17 +45,8 @@ SIZES = {
 BOS, EOS, PAD = 1, 2, 0
 
 
-def append_rows(rows: list[list[str]]) -> None:
-    """Append table rows to RESULTS.md, creating it with its header first if needed."""
-    if not RESULTS.exists():
-        RESULTS.write_text(HEADER)
-    with RESULTS.open("a") as f:
-        for row in rows:
-            f.write("| " + " | ".join(row) + " |\n")
-
-
 def device_name() -> str:
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def build_model(directory: Path, size: dict, seed: int = 0) -> transformers.PreTrainedModel:
@@ -150,8 +130,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    print(f"{versions}; {device_name()}; float32, greedy, {args.new_tokens} new tokens, prompt "
+    env_versions = versions("torch", "transformers")
+    print(f"{env_versions}; {device_name()}; float32, greedy, {args.new_tokens} new tokens, prompt "
           f"{args.prompt_len} (rows left padded by 3*i), median of {args.repeats} after a warm-up; "
           "tok/s from process CPU time (wall time in brackets)")
     rows = []
@@ -184,7 +164,7 @@ def main() -> None:
                 profile(ours_fn, f"ours, {size}, batch {B}")
                 profile(theirs_fn, f"transformers, {size}, batch {B}")
             rows.append([
-                datetime.date.today().isoformat(),
+                today(),
                 ("generate greedy, ours vs transformers `generate`; tokens "
                  + ("identical" if same else f"DIFFER ({agree:.1%} agree)")),
                 f"{size} llama {n_params / 1e6:.2f}M fp32, B={B}, prompt {args.prompt_len}, new {args.new_tokens}",
@@ -194,7 +174,7 @@ def main() -> None:
                 f"{ratio:.2f}x",
                 "-",
                 device_name(),
-                versions,
+                env_versions,
             ])
     if not args.no_append:
         append_rows(rows)

@@ -19,43 +19,21 @@ Without CUDA it prints why and exits 0 (the kernels' correctness tests run on th
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results import RESULTS, ROOT, append_rows, today, versions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(ROOT))
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = """# Benchmark results
-
-Rows are appended by the scripts in benchmarks/ (never rewritten). `ratio` compares with the baseline
-named in `what`, measured in the same run on the same machine; >1 means ours is better.
-
-| date | what | shape | time | throughput | ratio | memory | device | versions |
-|---|---|---|---|---|---|---|---|---|
-"""
 GIB = 1024**3
 
 
-def append_rows(rows: list[list[str]]) -> None:
-    """Append table rows to RESULTS.md, creating it with its header first if needed."""
-    if not RESULTS.exists():
-        RESULTS.write_text(HEADER)
-    with RESULTS.open("a") as f:
-        for row in rows:
-            f.write("| " + " | ".join(row) + " |\n")
-
-
 def environment() -> tuple[str, str, str]:
-    import triton
-
+    """(date, device, versions) columns for this GPU run."""
     device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    versions = f"python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}"
-    return datetime.date.today().isoformat(), device, versions
+    return today(), device, versions("python", "torch", "triton")
 
 
 def time_attention(B: int, H: int, T: int, D: int) -> dict[str, tuple[float, float]]:
@@ -86,7 +64,7 @@ def time_attention(B: int, H: int, T: int, D: int) -> dict[str, tuple[float, flo
 
 
 def bench_attention(seq_lens: list[int], head_dims: list[int], tokens: int, width: int) -> list[list[str]]:
-    date, device, versions = environment()
+    date, device, env_versions = environment()
     rows = []
     print(f"\nattention, bf16, causal, B*T = {tokens}, H*D = {width} (TFLOP/s; ratio = ours / SDPA flash)")
     print(f"{'T':>6} {'D':>4} {'mode':>8} {'ours':>8} {'sdpa':>8} {'ratio':>6}")
@@ -102,7 +80,7 @@ def bench_attention(seq_lens: list[int], head_dims: list[int], tokens: int, widt
                 rows.append([
                     date, f"attention {mode}: minirlhf Triton vs SDPA flash (bf16, causal)",
                     f"B={B} H={H} T={T} D={D}", f"{ms_ours:.3f} ms (sdpa {ms_ref:.3f} ms)",
-                    f"{tf_ours:.1f} TFLOP/s (sdpa {tf_ref:.1f})", f"{ratio:.2f}", "-", device, versions,
+                    f"{tf_ours:.1f} TFLOP/s (sdpa {tf_ref:.1f})", f"{ratio:.2f}", "-", device, env_versions,
                 ])
             torch.cuda.empty_cache()
     return rows
@@ -153,7 +131,7 @@ def time_cross_entropy(N: int, V: int, hidden: int) -> dict[str, tuple[float, in
 
 
 def bench_cross_entropy(vocab_sizes: list[int], token_counts: list[int], hidden: int) -> list[list[str]]:
-    date, device, versions = environment()
+    date, device, env_versions = environment()
     rows = []
     print(f"\nlinear + cross-entropy fwd+bwd, bf16, hidden {hidden} (time ratio = naive / ours; "
           "memory = peak above the inputs)")
@@ -169,7 +147,7 @@ def bench_cross_entropy(vocab_sizes: list[int], token_counts: list[int], hidden:
                 date, "linear+cross-entropy fwd+bwd: minirlhf fused vs naive logits + F.cross_entropy (bf16)",
                 f"N={N} H={hidden} V={V}", f"{ms_fused:.2f} ms (naive {ms_naive:.2f} ms)", "-", f"{ratio:.2f}",
                 f"{mem_fused / GIB:.2f} GiB (naive {mem_naive / GIB:.2f} GiB, {mem_naive / max(mem_fused, 1):.1f}x less)",
-                device, versions,
+                device, env_versions,
             ])
             torch.cuda.empty_cache()
     return rows

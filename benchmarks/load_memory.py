@@ -22,25 +22,14 @@ The file was just written, so it sits in the page cache: times are for a warm ca
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = """# Benchmark results
-
-Rows are appended by the scripts in benchmarks/ (never rewritten). `ratio` compares with the baseline
-named in `what`, measured in the same run on the same machine; >1 means ours is better.
-
-| date | what | shape | time | throughput | ratio | memory | device | versions |
-|---|---|---|---|---|---|---|---|---|
-"""
+from results import RESULTS, ROOT, append_rows, cpu_name, today, versions
 
 # 28 * (4 * 1024^2 [q, k, v, o] + 3 * 1024 * 4096 [gate, up, down] + 2 * 1024 [norms])
 # + 2 * 32000 * 1024 [embed_tokens, lm_head] + 1024 [norm] = 535.4M parameters
@@ -106,15 +95,6 @@ def measure(mode: str, directory: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def append_rows(rows: list[list[str]]) -> None:
-    """Append table rows to RESULTS.md, creating it with its header first if needed."""
-    if not RESULTS.exists():
-        RESULTS.write_text(HEADER)
-    with RESULTS.open("a") as f:
-        for row in rows:
-            f.write("| " + " | ".join(row) + " |\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -127,14 +107,13 @@ def main() -> None:
         return
 
     import torch
-    import transformers
 
     sys.path.insert(0, str(ROOT))
     from minirlhf.model import ModelConfig, Transformer
 
     GB = 1e9
-    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    device = f"CPU {platform.processor() or platform.machine()}, {Path('/proc/meminfo').read_text().split()[1]} kB RAM"
+    env_versions = versions("torch", "transformers")
+    device = f"CPU {cpu_name()}, {Path('/proc/meminfo').read_text().split()[1]} kB RAM"
     rows = []
     with tempfile.TemporaryDirectory(prefix="minirlhf_load_memory_") as tmp:
         t0 = time.perf_counter()
@@ -143,7 +122,7 @@ def main() -> None:
         model.save_pretrained(tmp)
         del model
         disk = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
-        print(f"{versions}; {device}")
+        print(f"{env_versions}; {device}")
         print(f"checkpoint: llama {n_params / 1e9:.3f}B params, {args.dtype}, {disk / GB:.2f} GB on disk "
               f"(written in {time.perf_counter() - t0:.1f} s)")
         modes = ["ours", "naive"] + ([] if args.no_hf else ["hf"])
@@ -161,7 +140,7 @@ def main() -> None:
         ratio = "-" if mode == "ours" else (f"ours: {r['extra'] / ours['extra']:.2f}x less peak, "
                                             f"{r['seconds'] / ours['seconds']:.2f}x faster")
         rows.append([
-            datetime.date.today().isoformat(),
+            today(),
             (f"load checkpoint, {mode} ({'Transformer.from_pretrained' if mode == 'ours' else 'baseline'}), "
              "peak RSS in a fresh process"),
             f"llama {n_params / 1e9:.2f}B {args.dtype}, {disk / GB:.2f} GB safetensors, warm page cache",
@@ -170,7 +149,7 @@ def main() -> None:
             ratio,
             f"peak +{r['extra'] / GB:.2f} GB = {r['extra'] / disk:.2f}x checkpoint",
             device,
-            versions,
+            env_versions,
         ])
     if not args.no_append:
         append_rows(rows)

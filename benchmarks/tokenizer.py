@@ -11,10 +11,8 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,21 +20,13 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import tokenizers
+from results import ROOT, append_rows, cpu_name, today, versions
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(ROOT))
 from minirlhf.tokenizer import load_tokenizer
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = """# Benchmark results
-
-Rows are appended by the scripts in benchmarks/ (never rewritten). `ratio` compares with the baseline
-named in `what`, measured in the same run on the same machine; >1 means ours is better.
-
-| date | what | shape | time | throughput | ratio | memory | device | versions |
-|---|---|---|---|---|---|---|---|---|
-"""
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -81,13 +71,6 @@ def timed(fn):
     return out, time.process_time() - c0, time.perf_counter() - w0
 
 
-def append_row(row: list[str]) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(HEADER)
-    with RESULTS.open("a") as f:
-        f.write("| " + " | ".join(row) + " |\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kb", type=int, default=1024, help="kilobytes of text to encode")
@@ -118,16 +101,18 @@ def main() -> None:
     print(f"{'tokenizers ' + tokenizers.__version__:22} {ref_s:8.3f} {ref_wall:8.3f} {mb / ref_s:11.2f}")
     print(f"ratio ours/tokenizers throughput (cpu time): cold {ref_s / ours_s:.3f}, warm {ref_s / warm_s:.3f}")
     if not args.no_append:
-        versions = f"python {platform.python_version()}, tokenizers {tokenizers.__version__}"
-        device = f"cpu ({platform.processor() or platform.machine()}, 1 thread)"
-        today = datetime.date.today().isoformat()
+        env_versions = versions("python", "tokenizers")
+        device = f"cpu ({cpu_name()}, 1 thread)"
+        date = today()
         shape = f"{n_bytes / 1024:.0f} KB, {len(docs)} docs, vocab {ours.vocab_size}"
-        append_row([today, "tokenizer encode: minirlhf byte-level BPE (cold cache) vs tokenizers", shape,
-                    f"cpu {ours_s:.3f} s (tokenizers {ref_s:.3f} s)", f"{mb / ours_s:.2f} MB/s",
-                    f"{ref_s / ours_s:.3f}", "-", device, versions])
-        append_row([today, "tokenizer encode: minirlhf byte-level BPE (warm cache) vs tokenizers", shape,
-                    f"cpu {warm_s:.3f} s (tokenizers {ref_s:.3f} s)", f"{mb / warm_s:.2f} MB/s",
-                    f"{ref_s / warm_s:.3f}", "-", device, versions])
+        append_rows([
+            [date, "tokenizer encode: minirlhf byte-level BPE (cold cache) vs tokenizers", shape,
+             f"cpu {ours_s:.3f} s (tokenizers {ref_s:.3f} s)", f"{mb / ours_s:.2f} MB/s",
+             f"{ref_s / ours_s:.3f}", "-", device, env_versions],
+            [date, "tokenizer encode: minirlhf byte-level BPE (warm cache) vs tokenizers", shape,
+             f"cpu {warm_s:.3f} s (tokenizers {ref_s:.3f} s)", f"{mb / warm_s:.2f} MB/s",
+             f"{ref_s / warm_s:.3f}", "-", device, env_versions],
+        ])
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ means ours is faster), and appends rows to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,12 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from results import RESULTS, ROOT, append_rows, cpu_name, today, versions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(ROOT))
 from minirlhf.logprobs import IGNORE, causal_lm_loss
 from minirlhf.model import ModelConfig, Transformer
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 SMALL = {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
          "num_attention_heads": 8, "num_key_value_heads": 4}
@@ -54,6 +51,7 @@ LLAMA_1B = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
 # dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendor data sheets (SXM parts);
 # matched as substrings of torch.cuda.get_device_name(), first match wins
 PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
+VERSIONS = ("torch", "transformers", "python")  # the RESULTS.md versions column, in this order
 
 
 def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -165,18 +163,7 @@ def peak_memory() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
-
-
-def versions() -> str:
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
-
-
-def append_rows(rows: list[list[str]]) -> None:
-    """Append table rows to RESULTS.md (its header is already there; never rewritten)."""
-    with RESULTS.open("a") as f:
-        for row in rows:
-            f.write("| " + " | ".join(row) + " |\n")
+    return f"CPU {cpu_name()}, {torch.get_num_threads()} thread(s)"
 
 
 def small_comparison(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
@@ -203,7 +190,7 @@ def small_comparison(args: argparse.Namespace, device: torch.device) -> list[lis
     ratio_hf = med["transformers"][0] / med["ours"][0]
     ratio_plain = med["plain"][0] / med["ours"][0]
     print(f"  speedup ours vs transformers: {ratio_hf:.2f}x   ours vs plain: {ratio_plain:.2f}x   (>1 = ours faster)")
-    date = datetime.date.today().isoformat()
+    date = today()
     shape = f"llama {n_params / 1e6:.1f}M fp32, B={args.batch}, T={args.seq}, V={SMALL['vocab_size']}"
     rows = []
     for base, ratio in (("transformers", ratio_hf), ("plain", ratio_plain)):
@@ -213,7 +200,7 @@ def small_comparison(args: argparse.Namespace, device: torch.device) -> list[lis
         rows.append([date, what, shape,
                      f"{clock} {t_o * 1e3:.0f} vs {t_b * 1e3:.0f} ms (wall {w_o * 1e3:.0f} vs {w_b * 1e3:.0f})",
                      f"{tokens / t_o:.0f} vs {tokens / t_b:.0f} tok/s", f"{ratio:.2f}x", peak_memory(),
-                     device_name(device), versions()])
+                     device_name(device), versions(*VERSIONS)])
     return rows
 
 
@@ -252,9 +239,9 @@ def large_mfu(args: argparse.Namespace, device: torch.device) -> list[list[str]]
     what = "sft train step (fwd+bwd+AdamW), ours, bf16 autocast"
     if peak:
         what += f"; MFU {mfu} of {peak[0] / 1e12:.0f} TFLOP/s ({peak[1]} bf16 dense)"
-    return [[datetime.date.today().isoformat(), what,
+    return [[today(), what,
              f"llama {model.num_parameters() / 1e9:.2f}B, B={batch}, T={seq}, V={LLAMA_1B['vocab_size']}",
-             f"wall {t * 1e3:.0f} ms", f"{tok_s:.0f} tok/s", "-", peak_memory(), name, versions()]]
+             f"wall {t * 1e3:.0f} ms", f"{tok_s:.0f} tok/s", "-", peak_memory(), name, versions(*VERSIONS)]]
 
 
 def main() -> None:

@@ -54,15 +54,15 @@ def combined_curves(stages: list[str]) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    wanted = {"pt": ["loss"], "sft": ["loss"], "rm": ["loss", "accuracy"], "dpo": ["loss", "accuracy"],
-              "kto": ["loss"], "ppo": ["score_mean", "kl"]}
+    wanted = {"pt": ["loss", "eval/loss"], "sft": ["loss", "eval/loss"], "rm": ["loss", "eval/accuracy"],
+              "dpo": ["loss", "rewards/margin"], "kto": ["loss", "rewards/margin"], "ppo": ["score/mean", "kl"]}
     fig, axes = plt.subplots(len(stages), 2, figsize=(9, 2.3 * len(stages)), squeeze=False)
     for row, stage in zip(axes, stages):
         path = OUT / stage / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        for ax, key in zip(row, wanted[stage] + [None]):
+        for ax, key in zip(row, wanted[stage]):
             points = [(r["step"], r[key]) for r in rows if key in r]
-            if key is None or not points:
+            if not points:
                 ax.axis("off")
                 continue
             ax.plot(*zip(*points))

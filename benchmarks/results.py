@@ -1,0 +1,61 @@
+"""What every script in benchmarks/ shares: the RESULTS.md table and the strings that fill its columns.
+
+A script is run as `python benchmarks/X.py`, which puts this folder on sys.path, so it imports these
+with `from results import ...`. Standard library only: load_memory.py measures a process's memory
+from the moment torch is imported, and importing this must not move that baseline.
+
+    append_rows([[today(), what, shape, time, throughput, ratio, memory, device, versions("torch")]])
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import platform
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository; scripts put it on sys.path for minirlhf
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = """# Benchmark results
+
+Rows are appended by the scripts in benchmarks/ (never rewritten). `ratio` compares with the baseline
+named in `what`, measured in the same run on the same machine; >1 means ours is better.
+
+| date | what | shape | time | throughput | ratio | memory | device | versions |
+|---|---|---|---|---|---|---|---|---|
+"""
+COLUMNS = 9  # the header's columns, in its order
+
+
+def append_rows(rows: list[list[str]], path: Path = RESULTS) -> None:
+    """Append table rows to RESULTS.md (existing rows are never rewritten), creating it with its
+    header first if it is missing. Each row is the nine cells of HEADER's columns, in order."""
+    for row in rows:
+        if len(row) != COLUMNS:
+            raise ValueError(f"benchmarks/results.py append_rows: a row needs {COLUMNS} cells "
+                             f"(date ... versions), got {len(row)}: {row!r}")
+    if not path.exists():
+        path.write_text(HEADER)
+    with path.open("a") as f:
+        for row in rows:
+            f.write("| " + " | ".join(row) + " |\n")
+
+
+def today() -> str:
+    """The `date` column: today as YYYY-MM-DD."""
+    return datetime.date.today().isoformat()
+
+
+def cpu_name() -> str:
+    """The processor's name for the `device` column ('x86_64' where the platform gives no more)."""
+    return platform.processor() or platform.machine()
+
+
+def versions(*names: str) -> str:
+    """The `versions` column, in the order given: versions("python", "torch") -> "python 3.11.7,
+    torch 2.13.0". "python" is the interpreter; any other name is imported and its __version__ read."""
+    parts = []
+    for name in names:
+        version = platform.python_version() if name == "python" else importlib.import_module(name).__version__
+        parts.append(f"{name} {version}")
+    return ", ".join(parts)
