@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PYTHON) -m minirlhf.demo --out runs/demo
+	$(PYTHON) -m minirlhf.demo
 
 # The model, data and loss tests run on the plain torch path; the Triton kernels are checked in a
 # second run under the Triton interpreter (TRITON_INTERPRET=1 must be set before triton is imported).

@@ -11,7 +11,7 @@ One trainer step is one rollout and its PPO epochs:
 Four models, kept small in memory: the policy and the reference share one base when LoRA is on (the
 reference is the policy with its adapter disabled; a frozen copy when training fully), the critic starts
 from the reward model with its own adapter (or its own weights), and the reward model is frozen (loaded in
-[model] dtype). Generation and every rollout forward run without gradients.
+[ppo] reward_dtype, e.g. bfloat16). Generation and every rollout forward run without gradients.
 
 The batch hierarchy, checked by config.py:
     rollout   = prompts_per_rollout * samples_per_prompt sequences    (one trainer step)
