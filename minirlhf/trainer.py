@@ -374,13 +374,13 @@ class Trainer:
     # -- logging -------------------------------------------------------------------------------
 
     def _open_metrics(self):
-        """metrics.jsonl, cut back to the resumed step so the curve continues without a seam."""
-        path = self.out / "metrics.jsonl"
-        if path.exists():
+        """metrics.jsonl, and every other per-step log (ppo's samples.jsonl), cut back to the resumed step
+        so the curves continue without a seam."""
+        for path in self.out.glob("*.jsonl"):
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= self.step]
             path.write_text("".join(line + "\n" for line in kept))
-        return open(path, "a")
+        return open(self.out / "metrics.jsonl", "a")
 
     def _tensorboard(self):
         try:

@@ -339,6 +339,16 @@ def test_resume_matches_a_straight_run(tiny, tmp_path):
         if key not in TIME_KEYS:
             assert b3[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 
+    # resuming in the same output directory cuts metrics.jsonl and samples.jsonl back to step 2 first
+    def steps(name):
+        return [json.loads(line)["step"] for line in (tmp_path / "a" / name).read_text().splitlines()]
+
+    samples_before = steps("samples.jsonl")
+    again = ppo_config(tiny, tmp_path / "a", *extra, f"train.resume={checkpoint}")
+    Trainer(again, build_stage(again), "cpu").fit()
+    assert steps("samples.jsonl") == samples_before
+    assert steps("metrics.jsonl") == [r["step"] for r in rows]
+
 
 @pytest.mark.slow
 def test_train_py_ppo_raises_the_reward_model_score(tiny, tmp_path):
