@@ -171,6 +171,13 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
+def fsync_files(files) -> None:
+    """Make the bytes durable before a rename publishes them."""
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -272,15 +279,17 @@ class Trainer:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), **(boundary or self._resumable_state())}
         torch.save(state, tmp / "state.pt")
-        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        fsync_files(tmp.iterdir())
+        self._publish(tmp, final)
+        self.last_checkpoint = final
+        return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename a complete checkpoint folder into place (atomic), then drop all but the last K."""
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoint_dirs(self.out)[: -self.cfg.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        self.last_checkpoint = final
-        return final
 
     def _save_sharded(self, tmp: Path, final: Path, boundary: dict[str, Any] | None) -> Path:
         """The torchrun version of save_checkpoint: every rank writes its shards (DCP) and RNG state into
@@ -300,15 +309,10 @@ class Trainer:
             torch.save({"step": self.step, "scheduler": self.scheduler.state_dict(), "world_size":
                         self.dist.world_size, **state}, tmp / "state.pt")
             files = list(tmp.iterdir())
-        for f in files:  # make the bytes durable before the rename publishes them
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        fsync_files(files)
         self.dist.barrier()
         if self.is_main:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in checkpoint_dirs(self.out)[: -self.cfg.train.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._publish(tmp, final)
         self.dist.barrier()
         self.last_checkpoint = final
         return final
