@@ -109,7 +109,7 @@ def generate(
     model.eval()
     model.setup_kv_cache(B, P + max_new_tokens)
     try:
-        hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask), 0, key_is_real[:, :P])
+        hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask), 0, key_is_real)
         logits = model.lm_head(hidden[:, -1])  # (B, V)
         next_pos = prompt_mask.sum(-1)  # (B,)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -125,8 +125,7 @@ def generate(
             # checking for "all done" syncs with the device, so do it every few steps only
             if step == max_new_tokens - 1 or (step % 4 == 3 and bool(finished.all())):
                 break
-            hidden = model.decode_step(tokens[:, step : step + 1], next_pos[:, None], P + step,
-                                       key_is_real[:, : P + step + 1])
+            hidden = model.decode_step(tokens[:, step : step + 1], next_pos[:, None], P + step, key_is_real)
             logits = model.lm_head(hidden[:, -1])
             next_pos = next_pos + 1
     finally:

@@ -154,9 +154,22 @@ def rope_inv_freq(config: ModelConfig, seq_len: torch.Tensor) -> torch.Tensor:
     return inv_freq
 
 
-def rope_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin tables for the given positions: [B, T] -> two [B, 1, T, d] tensors."""
-    inv_freq = rope_inv_freq(config, positions.max(-1).values + 1)  # (B, d/2)
+def rope_is_dynamic(config: ModelConfig) -> bool:
+    """Whether the inverse frequencies depend on the sequence length (dynamic NTK scaling)."""
+    scaling = config.rope_scaling or {}
+    return scaling.get("rope_type", scaling.get("type")) == "dynamic"
+
+
+def rope_cos_sin(
+    config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype, inv_freq: torch.Tensor | None = None
+):
+    """cos, sin tables for the given positions: [B, T] -> two [B, 1, T, d] tensors.
+
+    inv_freq: [B or 1, d/2] from `rope_inv_freq`, when the caller has it already (the decode loop,
+    for scalings that do not depend on the length); None computes it from the positions.
+    """
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(config, positions.max(-1).values + 1)  # (B, d/2)
     angles = positions.float()[..., None] * inv_freq[:, None, :]  # (B, T, d/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, d)
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
@@ -204,12 +217,12 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, Hkv, t, d] at positions start..start+t; return the filled prefix."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, Hkv, t, d] at the cache slots `slots` [t]; return the whole cache, whose
+        unwritten slots the attention mask hides (fixed shapes, no slicing to the current length)."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -224,7 +237,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * d, config.hidden_size, bias=config.o_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, rope, document_ids, cache_start, cache_mask, backend):
+    def forward(self, x, rope, document_ids, cache_slots, cache_mask, backend):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
@@ -234,7 +247,7 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             y = kernels.attention(q, k, v, document_ids=document_ids, backend=backend)
         else:
-            k, v = self.kv_cache.update(cache_start, k, v)  # (B, Hkv, S, d)
+            k, v = self.kv_cache.update(cache_slots, k, v)  # (B, Hkv, S_max, d)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*d)
         return self.o_proj(y)
@@ -267,8 +280,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, document_ids, cache_start=0, cache_mask=None, backend="auto"):
-        x = x + self.self_attn(self.input_layernorm(x), rope, document_ids, cache_start, cache_mask, backend)
+    def forward(self, x, rope, document_ids, cache_slots=None, cache_mask=None, backend="auto"):
+        x = x + self.self_attn(self.input_layernorm(x), rope, document_ids, cache_slots, cache_mask, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -291,6 +304,8 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
+        self.kv_cache_len: int | None = None  # set by setup_kv_cache, None without a cache
+        self.kv_cache_inv_freq: torch.Tensor | None = None
         self.kernel_backend = "auto"  # "auto" | "triton" | "torch", see minirlhf/kernels
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
@@ -342,33 +357,41 @@ class Transformer(nn.Module):
         """Logits [B, T, vocab_size] for input_ids [B, T] (see `hidden_states` for the arguments)."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, document_ids))
 
-    def _decode(self, input_ids, positions, document_ids=None, cache_start=0, cache_mask=None):
+    def _decode(self, input_ids, positions, document_ids=None, cache_slots=None, cache_mask=None,
+                inv_freq=None):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         rope = None
         if self.config.is_gpt2:
             x = x + self.embed_positions(positions)
         else:
-            rope = rope_cos_sin(self.config, positions, x.dtype)
+            rope = rope_cos_sin(self.config, positions, x.dtype, inv_freq)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, document_ids, cache_start, cache_mask, self.kernel_backend,
+                x = checkpoint(layer, x, rope, document_ids, cache_slots, cache_mask, self.kernel_backend,
                                use_reentrant=False)
             else:
-                x = layer(x, rope, document_ids, cache_start, cache_mask, self.kernel_backend)
+                x = layer(x, rope, document_ids, cache_slots, cache_mask, self.kernel_backend)
         return self.norm(x)
 
     # -- KV cache ------------------------------------------------------------------------------
 
     def setup_kv_cache(self, batch: int, max_len: int) -> None:
-        """Allocate one preallocated KVCache per layer for generation (see minirlhf/generation.py)."""
+        """Allocate one preallocated KVCache per layer for generation (see minirlhf/generation.py),
+        and the RoPE inverse frequencies [1, d/2] once, unless they depend on the length (dynamic)."""
         p = self.embed_tokens.weight
         for layer in self.layers:
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch, attn.n_kv_heads, max_len, attn.head_dim, p.dtype, p.device)
+        self.kv_cache_len = max_len
+        self.kv_cache_inv_freq = None
+        if not self.config.is_gpt2 and not rope_is_dynamic(self.config):
+            any_length = torch.ones(1, dtype=torch.long, device=p.device)
+            self.kv_cache_inv_freq = rope_inv_freq(self.config, any_length)  # (1, d/2)
 
     def clear_kv_cache(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache = None
+        self.kv_cache_len = self.kv_cache_inv_freq = None
 
     def decode_step(
         self,
@@ -380,18 +403,24 @@ class Transformer(nn.Module):
         """Run t new tokens through the KV cache and return their hidden states.
 
         input_ids, positions: [B, t]; the new tokens sit at cache slots cache_start..cache_start+t.
-        key_is_real: [B, cache_start + t] bool, False for pad slots. A query attends to earlier slots of
-        the same kind (real to real, pad to pad), so no attention row is ever empty.
+        key_is_real: [B, S] bool with S >= cache_start + t, False for pad slots (later slots are
+        ignored, so the caller may pass the whole cache's [B, S_max] once). A query attends to earlier
+        slots of the same kind (real to real, pad to pad), so no attention row is ever empty.
         Returns [B, t, hidden_size].
         """
-        t = input_ids.shape[1]
-        S = cache_start + t
-        slot = torch.arange(S, device=input_ids.device)
-        causal = slot[None, :] <= (cache_start + torch.arange(t, device=input_ids.device))[:, None]  # (t, S)
-        query_is_real = key_is_real[:, cache_start:]  # (B, t)
-        same_kind = query_is_real[:, :, None] == key_is_real[:, None, :]  # (B, t, S)
-        mask = (causal[None] & same_kind)[:, None]  # (B, 1, t, S)
-        return self._decode(input_ids, positions, cache_start=cache_start, cache_mask=mask)
+        t, S_max, device = input_ids.shape[1], self.kv_cache_len, input_ids.device
+        if key_is_real.shape[1] < S_max:  # the slots not written yet; the causal mask hides them
+            key_is_real = F.pad(key_is_real, (0, S_max - key_is_real.shape[1]))
+        slots = torch.arange(cache_start, cache_start + t, device=device)  # (t,)
+        causal = torch.arange(S_max, device=device)[None, :] <= slots[:, None]  # (t, S_max)
+        query_is_real = key_is_real[:, cache_start : cache_start + t]  # (B, t)
+        same_kind = query_is_real[:, :, None] == key_is_real[:, None, :]  # (B, t, S_max)
+        allowed = (causal[None] & same_kind)[:, None]  # (B, 1, t, S_max)
+        # additive form, built once here rather than by every layer's attention from the bool mask
+        mask = torch.zeros(allowed.shape, dtype=self.embed_tokens.weight.dtype, device=device)
+        mask.masked_fill_(~allowed, float("-inf"))
+        return self._decode(input_ids, positions, cache_slots=slots, cache_mask=mask,
+                            inv_freq=self.kv_cache_inv_freq)
 
     # -- conveniences --------------------------------------------------------------------------
 
