@@ -146,7 +146,8 @@ def bench_cross_entropy(vocab_sizes: list[int], token_counts: list[int], hidden:
             rows.append([
                 date, "linear+cross-entropy fwd+bwd: minirlhf fused vs naive logits + F.cross_entropy (bf16)",
                 f"N={N} H={hidden} V={V}", f"{ms_fused:.2f} ms (naive {ms_naive:.2f} ms)", "-", f"{ratio:.2f}",
-                f"{mem_fused / GIB:.2f} GiB (naive {mem_naive / GIB:.2f} GiB, {mem_naive / max(mem_fused, 1):.1f}x less)",
+                f"{mem_fused / GIB:.2f} GiB (naive {mem_naive / GIB:.2f} GiB, "
+                f"{mem_naive / max(mem_fused, 1):.1f}x less)",
                 device, env_versions,
             ])
             torch.cuda.empty_cache()

@@ -186,7 +186,8 @@ def small_comparison(args: argparse.Namespace, device: torch.device) -> list[lis
     spread = max(first) - min(first)
     print(f"  first-step losses agree to {spread:.2e} ({'ok' if spread < 1e-4 else 'MISMATCH'} at 1e-4)")
     if spread >= 1e-4:
-        raise SystemExit(f"first-step losses differ by {spread:.3e} (> 1e-4): {dict(zip([s.name for s in sides], first))}")
+        losses = dict(zip([s.name for s in sides], first))
+        raise SystemExit(f"first-step losses differ by {spread:.3e} (> 1e-4): {losses}")
     ratio_hf = med["transformers"][0] / med["ours"][0]
     ratio_plain = med["plain"][0] / med["ours"][0]
     print(f"  speedup ours vs transformers: {ratio_hf:.2f}x   ours vs plain: {ratio_plain:.2f}x   (>1 = ours faster)")

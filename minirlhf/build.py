@@ -43,7 +43,8 @@ def fresh_model_config(cfg: Config, tok: Tokenizer) -> ModelConfig:
     )
 
 
-def build_model(cfg: Config, tok: Tokenizer, path: str | None = None, device: torch.device | str = "cpu") -> Transformer:
+def build_model(cfg: Config, tok: Tokenizer, path: str | None = None,
+                device: torch.device | str = "cpu") -> Transformer:
     """Load [model] path (or `path`), else build a fresh model from [model.init] seeded by [train] seed.
 
     A tokenizer larger than the model's vocabulary is an error: ids past the embedding would crash

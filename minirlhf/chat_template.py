@@ -59,7 +59,8 @@ def builtin_template(name: str) -> str:
         "alpaca": (
             "{% for message in messages %}"
             "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-            "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n### Response:\n' }}"
+            "{% elif message['role'] == 'user' %}"
+            "{{ '### Instruction:\n' + message['content'] + '\n\n### Response:\n' }}"
             "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\n\n' }}"
             "{% else %}{{ raise_exception('alpaca template: unknown role ' + message['role']) }}{% endif %}"
             "{% endfor %}"

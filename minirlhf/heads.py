@@ -5,7 +5,8 @@
 
 The reward model is scored at each sequence's last real token: data.py ends every preference sequence
 at the answer's end-of-turn token (eos, or chatml's <|im_end|>), the token where a generated answer
-stops, so rm training and ppo scoring read the same position. It saves as Hugging Face's `*ForSequenceClassification` with num_labels = 1
+stops, so rm training and ppo scoring read the same position. It saves as Hugging Face's
+`*ForSequenceClassification` with num_labels = 1
 (backbone tensors plus `score.weight`, no bias), so transformers loads it and gives the same scores.
 The mean and std of its scores on the training data are kept in config.json ("minirlhf_reward_stats")
 so that ppo can normalise them.

@@ -219,7 +219,8 @@ def _plain_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Our projections by name: every nn.Linear that is not part of an adapter."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not re.search(r"(^|\.)(lora_A|lora_B|modules_to_save|original_module)(\.|$)", name):
+        adapter_part = re.search(r"(^|\.)(lora_A|lora_B|modules_to_save|original_module)(\.|$)", name)
+        if isinstance(m, nn.Linear) and not adapter_part:
             out[name] = m
     return out
 
@@ -369,7 +370,8 @@ def merge_and_unload(model: Transformer) -> Transformer:
         _set_module(model, name, linear)
     for name, m in list(saved_modules(model)):
         _set_module(model, name, m.modules_to_save)
-    if model.config.tie_word_embeddings and model.lm_head is not None and model.lm_head.weight is not model.embed_tokens.weight:
+    head = model.lm_head
+    if model.config.tie_word_embeddings and head is not None and head.weight is not model.embed_tokens.weight:
         if model.config.is_gpt2:
             raise LoRAError("gpt2 ties lm_head to the token embedding; an adapted or saved lm_head cannot "
                             "be written as a gpt2 checkpoint (leave lm_head out of the adapter)")
@@ -638,7 +640,8 @@ def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
     return model
 
 
-def _fold_fused_ranks(model: Transformer, ranks: dict[str, tuple[int, float]], rslora: bool) -> dict[str, tuple[int, float]]:
+def _fold_fused_ranks(model: Transformer, ranks: dict[str, tuple[int, float]],
+                      rslora: bool) -> dict[str, tuple[int, float]]:
     """For a model that already has gpt2 q/k/v adapters: a c_attn adapter of rank r_q + r_k + r_v (the
     block-diagonal layout that peft_state_dict writes) counts as those adapters, not as three of rank
     r_q + r_k + r_v."""

@@ -344,7 +344,8 @@ def test_kl_penalized_rewards_k1_hand_example():
 
 
 def test_kl_penalized_rewards_k3_hand_and_precision():
-    # d = ref - logp = 0.1: k3 = e^0.1 - 1 - 0.1 = 0.005170918075647624; d = -0.2: e^-0.2 - 1 + 0.2 = 0.01873075307798185
+    # d = ref - logp = 0.1: k3 = e^0.1 - 1 - 0.1 = 0.005170918075647624;
+    # d = -0.2: e^-0.2 - 1 + 0.2 = 0.01873075307798185
     logp, ref = t64(0.0, 0.0)[None], t64(0.1, -0.2)[None]
     out = L.kl_penalized_rewards(t64(0.0), logp, ref, torch.ones(1, 2), kl_coef=1.0, estimator="k3")
     torch.testing.assert_close(out, -t64(math.exp(0.1) - 1.1, math.exp(-0.2) - 0.8)[None])
