@@ -234,6 +234,17 @@ def unsharded(module: nn.Module, reshard_after_forward: bool = True) -> Iterator
             m.reshard()
 
 
+def reshard(module: nn.Module) -> None:
+    """Free the gathered full weights of every FSDP unit in `module` (a no-op for a module that is not
+    sharded, as in a plain process).
+
+    A frozen model never runs backward, which is where a trainable root (kept gathered after forward,
+    see shard_model) gives its full weights back; the stages call this once they are done with one.
+    """
+    for m in fsdp_modules(module):
+        m.reshard()
+
+
 def local_parameter_bytes(module: nn.Module) -> tuple[int, int]:
     """(bytes of parameters this rank holds, bytes of the full unsharded parameters)."""
     local = full = 0
@@ -256,12 +267,16 @@ def meta_copy(module: nn.Module) -> nn.Module:
 
 
 def prepare_stage(stage, ctx: DistContext) -> None:
-    """Shard a built stage in place: its trainable model under FSDP2, its data iterators by rank, and
-    (ppo) generation with gathered weights. Call before the Trainer builds its optimizer."""
+    """Shard a built stage in place: its trainable model under FSDP2, its frozen models
+    (`stage.frozen_modules()`: a reference copy, a reward model) the same way, so that each rank holds
+    1/N of them too, its data iterators by rank, and (ppo) generation with gathered weights. Call before
+    the Trainer builds its optimizer (the frozen models have no gradients and no optimizer states)."""
     from minirlhf.data import BatchIterator
 
     ctx.skeleton = meta_copy(stage.model)
     shard_model(stage.model, ctx)
+    for frozen in stage.frozen_modules():
+        shard_model(frozen, ctx)
     for name in ("batches", "ptx"):
         it = getattr(stage, name, None)
         if isinstance(it, BatchIterator):

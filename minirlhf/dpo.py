@@ -37,12 +37,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer
 from minirlhf.config import Config, ConfigError
 from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
+from minirlhf.distributed import reshard
 from minirlhf.logprobs import label_logprobs
 from minirlhf.lora import disable_adapters, has_lora
 from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
@@ -93,9 +95,14 @@ class Reference:
             return disable_adapters(self.model)
         return nullcontext()
 
+    def frozen_modules(self) -> list[Transformer]:
+        """The reference's own model, when it has one (not when it is the policy with adapters off)."""
+        return [] if self.adapters_off else [self.model]
+
     @torch.no_grad()
     def run(self, fn: Callable[[Transformer], torch.Tensor | tuple], *args):
-        """fn(model, *args) under the reference, without gradient (eval mode for the duration)."""
+        """fn(model, *args) under the reference, without gradient (eval mode for the duration). A sharded
+        frozen reference gives its gathered weights back afterwards (distributed.reshard)."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -103,6 +110,8 @@ class Reference:
                 return fn(self.model, *args)
         finally:
             self.model.train(was_training)
+            if not self.adapters_off:
+                reshard(self.model)
 
     def fingerprint(self) -> str:
         """A hash of the reference's weights as it runs (adapter tensors left out), for cache keys."""
@@ -217,6 +226,10 @@ class PreferenceStage(Stage):
         self.eval_examples = eval
         self.batches = BatchIterator(train, cfg.train.micro_batch_size, self.collate, seed=cfg.data.seed,
                                      shuffle=cfg.data.shuffle)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The live reference's frozen model (none when precomputed, reference-free or adapters-off)."""
+        return self.reference.frozen_modules() if self.reference is not None else []
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs ([B] chosen, [B] rejected): precomputed, or run now."""

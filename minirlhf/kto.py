@@ -95,6 +95,10 @@ class KTOStage(Stage):
         self.batches = BatchIterator(train, size, collate, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                                      drop_last=drop_last)
 
+    def frozen_modules(self) -> list[Transformer]:
+        """The reference's frozen model (none when the reference is the policy with adapters off)."""
+        return self.reference.frozen_modules()
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Everything the loss needs: policy [B] (with gradient), ref [B], and kl, the detached z0 input."""
         B = batch["input_ids"].shape[0]

@@ -54,7 +54,7 @@ from minirlhf.data import (
     load_examples,
     pack_documents,
 )
-from minirlhf.distributed import all_mean, gather_cat, world_size
+from minirlhf.distributed import all_mean, gather_cat, reshard, world_size
 from minirlhf.heads import RewardModel
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.lora import disable_adapters, lora_layers, merge_and_unload
@@ -72,6 +72,7 @@ from minirlhf.losses import (
 )
 from minirlhf.model import Transformer
 from minirlhf.rollout import (
+    RewardModelScorer,
     Rollout,
     ScoreFn,
     decode_rollout,
@@ -284,6 +285,14 @@ class PPOStage(Stage):
         # under torchrun, distributed.prepare_stage swaps in a context that gathers the sharded policy
         self.generation_context = nullcontext
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """The frozen reference copy (not when it is the policy with adapters off) and the reward model
+        inside a reward_model_scorer (not a text scorer's Python function)."""
+        out = [self.reference] if self.reference is not self.policy else []
+        if isinstance(self.score_fn, RewardModelScorer):
+            out.append(self.score_fn.reward_model)
+        return out
+
     # -- optimizer and resume ------------------------------------------------------------------
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -338,6 +347,8 @@ class PPOStage(Stage):
                 logprobs.append(lp.float())
                 ref_logprobs.append(ref.float())
                 entropy.append(ent)
+            if self.reference is not self.policy:
+                reshard(self.reference)  # a sharded frozen copy's gathered weights (no backward frees them)
             rollout.logprobs, rollout.ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
             rollout.entropy = torch.cat(entropy)
             rollout.values = torch.cat(values) if values else None

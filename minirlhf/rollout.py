@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from minirlhf import kernels
+from minirlhf.distributed import reshard
 from minirlhf.heads import RewardModel
 from minirlhf.lora import effective_weight
 from minirlhf.losses import entropy_from_logits
@@ -173,19 +174,28 @@ def response_values(critic: RewardModel, input_ids: torch.Tensor, attention_mask
     return values.masked_fill(~response_mask.bool(), 0.0)
 
 
-def reward_model_scorer(reward_model: RewardModel, micro_batch_size: int) -> ScoreFn:
+class RewardModelScorer:
     """A ScoreFn reading the (frozen) reward model at each sequence's last real token: the stop token, or
-    the last generated token of an answer cut at max_new_tokens."""
+    the last generated token of an answer cut at max_new_tokens. `reward_model` is public so that the ppo
+    stage can hand it to distributed.prepare_stage for sharding; a sharded one gives its gathered weights
+    back after each rollout (distributed.reshard)."""
+
+    def __init__(self, reward_model: RewardModel, micro_batch_size: int):
+        self.reward_model, self.micro_batch_size = reward_model, micro_batch_size
 
     @torch.no_grad()
-    def score(rollout: Rollout) -> torch.Tensor:
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
         out = []
-        for rows in micro_batches(rollout.size, micro_batch_size):
+        for rows in micro_batches(rollout.size, self.micro_batch_size):
             rows = rows.to(rollout.input_ids.device)
-            out.append(reward_model(rollout.input_ids[rows], rollout.attention_mask[rows]).float())
+            out.append(self.reward_model(rollout.input_ids[rows], rollout.attention_mask[rows]).float())
+        reshard(self.reward_model)
         return torch.cat(out)
 
-    return score
+
+def reward_model_scorer(reward_model: RewardModel, micro_batch_size: int) -> RewardModelScorer:
+    """The reward model as a ScoreFn, in micro-batches of micro_batch_size sequences."""
+    return RewardModelScorer(reward_model, micro_batch_size)
 
 
 def text_scorer(tokenizer, fn: Callable[[list[str], list[str]], list[float]]) -> ScoreFn:

@@ -90,6 +90,11 @@ class Stage:
         """Trainer steps in one pass over the data (ppo: over the prompts, one rollout a step)."""
         return math.ceil(self.batches.batches_per_epoch / self.cfg.train.grad_accum)
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """Models the stage runs but does not train and that are not inside `model` (a frozen reference
+        copy, a reward model), for distributed.prepare_stage to shard too; none by default."""
+        return []
+
     def evaluate(self, trainer: "Trainer") -> dict[str, float]:
         """Metrics on the eval data (prefixed "eval/" by the trainer); none by default."""
         return {}

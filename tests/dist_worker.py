@@ -4,7 +4,9 @@ model that only a live process group can take.
     torchrun --nproc_per_node=2 tests/dist_worker.py --stage sft --config cfg.toml [--set k=v ...]
         [--report report.json]
 
-The report (written by rank 0) holds, per rank, the parameter bytes held locally vs unsharded, and the
+The report (written by rank 0) holds, per rank, the parameter bytes held locally vs unsharded (of the
+trained model, and of each frozen model: [local, full] per entry of stage.frozen_modules(), before and
+after training), and the
 logits of the trained sharded model on a fixed batch (for comparison with the exported HF directory).
 """
 
@@ -41,7 +43,10 @@ def main() -> None:
     trainer = build_trainer(cfg)
     ctx = trainer.dist
     local, full = distributed.local_parameter_bytes(trainer.stage.model)
+    frozen = [list(distributed.local_parameter_bytes(m)) for m in trainer.stage.frozen_modules()]
     summary = trainer.fit()
+    # and after training: the frozen models gave back the full weights they gathered (distributed.reshard)
+    frozen_after = [list(distributed.local_parameter_bytes(m)) for m in trainer.stage.frozen_modules()]
     report = {"summary": summary, "world_size": ctx.world_size}
     model = trainer.stage.model
     if isinstance(model, Transformer):
@@ -50,7 +55,8 @@ def main() -> None:
             logits = model(PROBE.to(ctx.device))
         report["logits"] = logits.float().cpu().tolist()
     rows = [None] * ctx.world_size
-    dist.all_gather_object(rows, {"rank": ctx.rank, "local_bytes": local, "full_bytes": full})
+    dist.all_gather_object(rows, {"rank": ctx.rank, "local_bytes": local, "full_bytes": full,
+                                  "frozen": frozen, "frozen_after": frozen_after})
     report["memory"] = rows
     if ctx.is_main and args.report:
         Path(args.report).write_text(json.dumps(report))

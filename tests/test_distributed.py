@@ -194,11 +194,29 @@ def test_consolidated_export_loads_and_gives_the_sharded_models_logits(sft_runs)
     assert (out / "tokenizer.model").exists() and (out / "curves.png").exists()
 
 
+def assert_frozen_sharded(report: dict, n_frozen: int) -> None:
+    """Each rank holds about half of each frozen model's parameter bytes, and the two halves cover it;
+    after training too (the frozen models' gathered weights were freed after their last forward)."""
+    rows = report["memory"]
+    assert [len(r["frozen"]) for r in rows] == [n_frozen] * 2
+    assert [r["frozen_after"] for r in rows] == [r["frozen"] for r in rows]
+    for i in range(n_frozen):
+        full = rows[0]["frozen"][i][1]
+        ratios = [r["frozen"][i][0] / full for r in rows]
+        print(f"\nfrozen model {i}: {full} parameter bytes, held per rank {ratios} (1/N = 0.5)")
+        # dim 0 is split in ceil-sized chunks, so one rank may hold a few rows more (e.g. a [1, H] head)
+        assert all(0.45 <= q <= 0.55 for q in ratios)
+        assert sum(r["frozen"][i][0] for r in rows) == full
+
+
 @pytest.mark.slow
 @needs_torchrun
 def test_dpo_on_two_ranks(tiny):
+    """Live reference (a frozen copy: no LoRA), sharded like the policy."""
     out = tiny["root"] / "dpo"
-    torchrun(2, "dpo", base_sets(tiny, tiny["pref"], out) + ["train.max_steps=2"])
+    report = torchrun(2, "dpo", base_sets(tiny, tiny["pref"], out) + ["train.max_steps=2", "dpo.reference=\"live\""],
+                      tiny["root"] / "dpo.json")
+    assert_frozen_sharded(report, 1)
     loss = metric(out)
     # step 1: the policy is its reference, so every margin is 0 and the loss is -log sigmoid(0) = log 2
     assert loss[1] == pytest.approx(0.6931472, abs=1e-5)
@@ -209,14 +227,15 @@ def test_dpo_on_two_ranks(tiny):
 @pytest.mark.slow
 @needs_torchrun
 def test_ppo_with_lora_on_two_ranks(tiny):
-    """Generation with the gathered policy, critic and reward model: completes, writes samples once (rank
+    """Generation with the gathered policy, critic and a sharded reward model: completes, writes samples once (rank
     0: 4 rows per step), and starts with zero KL (adapter B = 0: the policy is its reference)."""
     out = tiny["root"] / "ppo"
     sets = base_sets(tiny, tiny["prompts"], out) + [
         f"ppo.reward_model={tiny['rm']}", "ppo.prompts_per_rollout=4", "ppo.samples_per_prompt=2",
         "ppo.minibatch_size=4", "ppo.micro_batch_size=2", "ppo.max_new_tokens=6", "ppo.log_samples_every=1",
         "lora.enabled=true", "lora.r=4", "train.max_steps=2"]
-    torchrun(2, "ppo", sets)
+    report = torchrun(2, "ppo", sets, tiny["root"] / "ppo.json")
+    assert_frozen_sharded(report, 1)  # the reward model (the reference is the policy, adapters off)
     kl = metric(out, "kl")
     assert sorted(kl) == [1, 2] and kl[1] == pytest.approx(0.0, abs=1e-6)
     assert all(torch.isfinite(torch.tensor(v)) for v in metric(out, "loss").values())
