@@ -17,6 +17,9 @@ from minirlhf.config import STAGES, ConfigError, load_config
 # each stage is one module with build_stage(cfg, device) -> trainer.Stage
 STAGE_MODULES = {"pt": "minirlhf.sft", "sft": "minirlhf.sft", "rm": "minirlhf.rm", "dpo": "minirlhf.dpo",
                  "kto": "minirlhf.kto", "ppo": "minirlhf.ppo"}
+# stages whose build_stage(cfg, device, rank=r) reads the checkpoints on rank 0 only (the other ranks build
+# on the meta device, prepare_stage fills them); rm and ppo load their models on every rank
+RANK0_LOADING = {"pt", "sft", "dpo", "kto"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +43,8 @@ def build_trainer(cfg, device_name: str | None = None):
     ctx = distributed.init_distributed(cfg)
     device = ctx.device if ctx is not None else \
         torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stage = importlib.import_module(STAGE_MODULES[cfg.stage]).build_stage(cfg, device)
+    rank = {"rank": ctx.rank} if ctx is not None and cfg.stage in RANK0_LOADING else {}
+    stage = importlib.import_module(STAGE_MODULES[cfg.stage]).build_stage(cfg, device, **rank)
     if ctx is not None:
         distributed.prepare_stage(stage, ctx)
     return Trainer(cfg, stage, device, dist=ctx)

@@ -44,19 +44,36 @@ def fresh_model_config(cfg: Config, tok: Tokenizer) -> ModelConfig:
 
 
 def build_model(cfg: Config, tok: Tokenizer, path: str | None = None,
-                device: torch.device | str = "cpu") -> Transformer:
+                device: torch.device | str = "cpu", rank: int | None = None) -> Transformer:
     """Load [model] path (or `path`), else build a fresh model from [model.init] seeded by [train] seed.
 
+    rank: under torchrun, this process's rank when only rank 0 is to read the weights: rank 0 loads them
+    into host memory (FSDP moves its shards to the device), the others build the model on the meta
+    device and read nothing (distributed.prepare_stage fills them from rank 0). A fresh model is built
+    in full on every rank anyway (seeded).
     A tokenizer larger than the model's vocabulary is an error: ids past the embedding would crash
     (or worse, silently wrap) deep inside the forward pass.
     """
     path = path if path is not None else cfg.model.path
     if path:
-        model = Transformer.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], device=device)
+        model = load_model(path, DTYPES[cfg.model.dtype], device, rank)
     else:
         torch.manual_seed(cfg.train.seed)
         model = Transformer(fresh_model_config(cfg, tok)).to(device)
     return prepare_backbone(cfg, tok, model, path)
+
+
+def load_model(path: str, dtype: torch.dtype | None, device: torch.device | str,
+               rank: int | None = None) -> Transformer:
+    """from_pretrained onto device; with a torchrun rank (see build_model), onto the host on rank 0 and
+    onto the meta device, unread, elsewhere."""
+    if rank is None:
+        return Transformer.from_pretrained(path, dtype=dtype, device=device)
+    if rank == 0:
+        return Transformer.from_pretrained(path, dtype=dtype, device="cpu")
+    from minirlhf.checkpoint import pretrained_skeleton
+
+    return pretrained_skeleton(path, dtype=dtype)
 
 
 def prepare_backbone(cfg: Config, tok: Tokenizer, model: Transformer, source: str) -> Transformer:

@@ -312,6 +312,30 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
     return model
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype of a directory's first stored tensor, from the safetensors header (no tensor is read)."""
+    file = _weight_files(Path(path))[0]
+    if file.suffix == ".bin":  # memory-mapped: only the pickled metadata is read
+        return next(iter(torch.load(file, map_location="cpu", weights_only=True, mmap=True).values())).dtype
+    with safe_open(file, framework="pt") as f:
+        code = f.get_slice(next(iter(f.keys()))).get_dtype()  # "F32", "BF16", ...
+    if code not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{file}: unsupported tensor dtype {code!r} for a model weight")
+    return _SAFETENSORS_DTYPES[code]
+
+
+def pretrained_skeleton(path: str | Path, dtype: torch.dtype | None = None) -> Transformer:
+    """The model load_pretrained would return, on the meta device and without reading any weight: what
+    a torchrun rank other than 0 builds before distributed.prepare_stage fills it from rank 0's copy."""
+    config = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    return model.to(dtype or checkpoint_dtype(path))
+
+
 # --------------------------------------------------------------------------------------------------
 # save
 

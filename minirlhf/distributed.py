@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node=N train.py --stage sft --config cfg.toml
 
-Every rank builds the stage exactly as a single process would (same seed, so the same initial weights),
-then `prepare_stage` shards it:
+Every rank builds the stage as a single process would (same seed, so the same initial weights), except
+that for pt, sft, dpo and kto only rank 0 reads the checkpoint and the other ranks build on the meta
+device; then `prepare_stage` shards it, filling those ranks' shards from rank 0 (`load_sharded_from_rank0`):
 
 - FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023 "PyTorch FSDP"; ZeRO-3, Rajbhandari et
   al. 2020): each decoder block is one FSDP unit and the root (embeddings, final norm, heads) another.
@@ -266,6 +267,47 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _built_on_meta(module: nn.Module, ctx: DistContext) -> bool:
+    """Whether the ranks other than 0 built `module` on the meta device (collective). Rank 0 must hold
+    real weights then, and every rank the same parameter names, shapes and dtypes."""
+    on_meta = torch.tensor([float(any(p.is_meta for p in module.parameters()))], device=_comm_device())
+    dist.all_reduce(on_meta, op=dist.ReduceOp.MAX)
+    if not on_meta.item():
+        return False
+    layout = [[(n, tuple(p.shape), p.dtype, p.is_meta) for n, p in module.named_parameters()]]
+    dist.broadcast_object_list(layout, src=0)
+    if ctx.is_main and any(m for *_, m in layout[0]):
+        raise RuntimeError(f"distributed: rank 0's {type(module).__name__} has meta parameters; rank 0 must "
+                           f"load the weights it broadcasts")
+    ours = [(n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()]
+    theirs = [row[:3] for row in layout[0]]
+    if ours != theirs:
+        first = next(i for i, (a, b) in enumerate(zip(ours + [None], theirs + [None])) if a != b)
+        raise RuntimeError(f"distributed: rank {ctx.rank}'s {type(module).__name__} differs from rank 0's at "
+                           f"parameter {first}: {(ours + [None])[first]} here, {(theirs + [None])[first]} on rank 0")
+    return True
+
+
+def load_sharded_from_rank0(module: nn.Module, ctx: DistContext) -> list[nn.Module]:
+    """shard_model(module), then its weights from rank 0's full copy, broadcast one tensor at a time, each
+    rank keeping its shard (collective; returns the FSDP roots).
+
+    Rank 0 built `module` with its weights loaded; every other rank built it on the meta device and read
+    nothing, so its peak is one full tensor plus its shards, not the whole model. Rank 0's full weights
+    are freed on return. LoRA adapters and modules_to_save copies are broadcast like the base
+    weights, so every rank starts from rank 0's initialisation. Shared parameters (tied embeddings) are
+    one parameter on the meta device too, so they stay one after fully_shard and to_empty.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = module.state_dict() if ctx.is_main else {}  # views of rank 0's loaded tensors, before sharding
+    roots = shard_model(module, ctx)
+    if not ctx.is_main:
+        module.to_empty(device="cpu" if ctx.cpu_offload else ctx.device)
+    set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return roots
+
+
 def prepare_stage(stage, ctx: DistContext) -> None:
     """Shard a built stage in place: its trainable model under FSDP2, its frozen models
     (`stage.frozen_modules()`: a reference copy, a reward model) the same way, so that each rank holds
@@ -274,9 +316,11 @@ def prepare_stage(stage, ctx: DistContext) -> None:
     from minirlhf.data import BatchIterator
 
     ctx.skeleton = meta_copy(stage.model)
-    shard_model(stage.model, ctx)
-    for frozen in stage.frozen_modules():
-        shard_model(frozen, ctx)
+    for module in [stage.model, *stage.frozen_modules()]:
+        if _built_on_meta(module, ctx):
+            load_sharded_from_rank0(module, ctx)
+        else:
+            shard_model(module, ctx)
     for name in ("batches", "ptx"):
         it = getattr(stage, name, None)
         if isinstance(it, BatchIterator):

@@ -41,7 +41,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer
+from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer, load_model
 from minirlhf.config import Config, ConfigError
 from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
 from minirlhf.distributed import reshard
@@ -126,10 +126,11 @@ class Reference:
 
 
 def build_reference(cfg: Config, policy: Transformer, ref_path: str, section: str,
-                    device: torch.device | str) -> Reference:
-    """The reference of a policy (see the module docstring); call it before any training step."""
+                    device: torch.device | str, rank: int | None = None) -> Reference:
+    """The reference of a policy (see the module docstring); call it before any training step.
+    rank: under torchrun, only rank 0 reads a ref_model (see build.build_model)."""
     if ref_path:
-        ref = Transformer.from_pretrained(ref_path, dtype=DTYPES[cfg.model.dtype], device=device)
+        ref = load_model(ref_path, DTYPES[cfg.model.dtype], device, rank)
         if ref.config.vocab_size != policy.config.vocab_size:
             raise ConfigError(f"[{section}] ref_model {ref_path!r} has a vocabulary of {ref.config.vocab_size}, "
                               f"the policy {policy.config.vocab_size}", section, "ref_model")
@@ -292,14 +293,18 @@ class PreferenceStage(Stage):
         save_policy(self.model, self.tok, out_dir)
 
 
-def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PreferenceStage:
+def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> PreferenceStage:
+    """rank: under torchrun, only rank 0 reads the policy and ref_model (see build.build_model), unless
+    the reference log-probs are precomputed here, which needs the weights on every rank."""
+    if not (cfg.dpo.loss_type in REFERENCE_FREE or cfg.dpo.reference == "live"):
+        rank = None
     tok = build_tokenizer(cfg)
-    model = apply_lora(cfg, build_model(cfg, tok, device=device))
+    model = apply_lora(cfg, build_model(cfg, tok, device=device, rank=rank))
     data = build_datasets(cfg, tok)
     train, eval_ = data.train, data.eval
     if cfg.dpo.loss_type in REFERENCE_FREE:
         return PreferenceStage(cfg, model, tok, train, eval_, data.collate)
-    reference = build_reference(cfg, model, cfg.dpo.ref_model, "dpo", device)
+    reference = build_reference(cfg, model, cfg.dpo.ref_model, "dpo", device, rank=rank)
     logger.info("dpo: reference = %s (%s)", reference.source, cfg.dpo.reference)
     if cfg.dpo.reference == "live":
         return PreferenceStage(cfg, model, tok, train, eval_, data.collate, reference)

@@ -178,9 +178,10 @@ class KTOStage(Stage):
         save_policy(self.model, self.tok, out_dir)
 
 
-def build_stage(cfg: Config, device: torch.device | str = "cpu") -> KTOStage:
+def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> KTOStage:
+    """rank: under torchrun, only rank 0 reads the policy and ref_model (see build.build_model)."""
     tok = build_tokenizer(cfg)
-    model = apply_lora(cfg, build_model(cfg, tok, device=device))
+    model = apply_lora(cfg, build_model(cfg, tok, device=device, rank=rank))
     data = build_datasets(cfg, tok)
     k = cfg.kto
     n_d = sum(1 for e in data.train if e["desirable"])
@@ -190,6 +191,6 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu") -> KTOStage:
     if cfg.train.micro_batch_size == 1:
         logger.warning("kto: micro_batch_size = 1 pairs each prompt with its own completion, so the KL reference "
                        "point is max(0, r) of the example itself rather than a KL estimate; use >= 2")
-    reference = build_reference(cfg, model, k.ref_model, "kto", device)
+    reference = build_reference(cfg, model, k.ref_model, "kto", device, rank=rank)
     logger.info("kto: reference = %s", reference.source)
     return KTOStage(cfg, model, tok, data.train, data.eval, data.collate, reference)

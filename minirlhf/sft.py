@@ -81,8 +81,9 @@ class LanguageModelingStage(Stage):
         save_policy(self.model, self.tok, out_dir)
 
 
-def build_stage(cfg: Config, device: torch.device | str = "cpu") -> LanguageModelingStage:
+def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> LanguageModelingStage:
+    """rank: under torchrun, only rank 0 reads the model (see build.build_model)."""
     tok = build_tokenizer(cfg)
-    model = apply_lora(cfg, build_model(cfg, tok, device=device))
+    model = apply_lora(cfg, build_model(cfg, tok, device=device, rank=rank))
     data = build_datasets(cfg, tok)
     return LanguageModelingStage(cfg, model, tok, data.train, data.eval, data.collate)

@@ -6,7 +6,7 @@ model that only a live process group can take.
 
 The report (written by rank 0) holds, per rank, the parameter bytes held locally vs unsharded (of the
 trained model, and of each frozen model: [local, full] per entry of stage.frozen_modules(), before and
-after training), and the
+after training), the bytes of weights this rank read from model directories while building, and the
 logits of the trained sharded model on a fixed batch (for comparison with the exported HF directory).
 """
 
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minirlhf import distributed
+from minirlhf import checkpoint, distributed
 from minirlhf.config import load_config
 from minirlhf.model import Transformer
 from train import build_trainer
@@ -30,6 +30,15 @@ from train import build_trainer
 torch.set_num_threads(1)  # two ranks on two shared cores
 
 PROBE = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def count_weight_bytes(read_tensors, counter: list[int]):
+    """checkpoint._read_tensors, adding the bytes of every tensor it yields to counter[0]."""
+    def counted(file):
+        for name, tensor in read_tensors(file):
+            counter[0] += tensor.numel() * tensor.element_size()
+            yield name, tensor
+    return counted
 
 
 def main() -> None:
@@ -40,6 +49,8 @@ def main() -> None:
     p.add_argument("--report", default=None)
     args = p.parse_args()
     cfg = load_config(args.config, args.set, stage=args.stage)
+    weight_bytes = [0]  # read from the model directories' weight files by this rank while building
+    checkpoint._read_tensors = count_weight_bytes(checkpoint._read_tensors, weight_bytes)
     trainer = build_trainer(cfg)
     ctx = trainer.dist
     local, full = distributed.local_parameter_bytes(trainer.stage.model)
@@ -56,7 +67,7 @@ def main() -> None:
         report["logits"] = logits.float().cpu().tolist()
     rows = [None] * ctx.world_size
     dist.all_gather_object(rows, {"rank": ctx.rank, "local_bytes": local, "full_bytes": full,
-                                  "frozen": frozen, "frozen_after": frozen_after})
+                                  "frozen": frozen, "frozen_after": frozen_after, "weight_bytes": weight_bytes[0]})
     report["memory"] = rows
     if ctx.is_main and args.report:
         Path(args.report).write_text(json.dumps(report))

@@ -1,6 +1,7 @@
 """FSDP2 under torchrun, on CPU with gloo: two ranks train like one process with the same global batch,
-sharded checkpoints resume (on 2 ranks and on 1), the consolidated export is the trained model, and
-dpo and ppo complete. The torchrun runs launch tests/dist_worker.py (train.py's run plus measurements);
+only rank 0 reads the checkpoint (rank 1 fills its shards from rank 0's broadcast; tied embeddings stay
+tied), sharded checkpoints resume (on 2 ranks and on 1), the consolidated export is the trained model,
+and dpo and ppo complete. The torchrun runs launch tests/dist_worker.py (train.py's run plus measurements);
 each takes ~10 s on 2 cores, the whole file about a minute.
 """
 
@@ -167,6 +168,18 @@ def test_parameters_are_sharded_one_per_rank(sft_runs):
 
 @pytest.mark.slow
 @needs_torchrun
+def test_only_rank0_reads_the_weights(sft_runs):
+    """Rank 1 builds the model on the meta device and gets its shards broadcast from rank 0: it reads no
+    byte of the checkpoint (dist_worker counts what checkpoint._read_tensors yields), rank 0 all of it
+    (the fp32 tiny llama, untied: as many bytes as the parameters)."""
+    rows = sft_runs["report"]["memory"]
+    print(f"\nweight bytes read per rank: {[r['weight_bytes'] for r in rows]}")
+    assert rows[0]["weight_bytes"] == rows[0]["full_bytes"]
+    assert rows[1]["weight_bytes"] == 0
+
+
+@pytest.mark.slow
+@needs_torchrun
 def test_sharded_checkpoint_resumes_with_the_same_losses_on_two_ranks_and_on_one(sft_runs):
     ckpt = sft_runs["ckpt"]
     names = {p.name for p in ckpt.iterdir()}
@@ -194,6 +207,30 @@ def test_consolidated_export_loads_and_gives_the_sharded_models_logits(sft_runs)
     assert (out / "tokenizer.model").exists() and (out / "curves.png").exists()
 
 
+@pytest.mark.slow
+@needs_torchrun
+def test_tied_embeddings_stay_one_parameter_when_filled_from_rank0(tiny):
+    """A qwen2 with tied embeddings, built on meta on rank 1 and filled from rank 0: if fully_shard or
+    to_empty had split lm_head from embed_tokens, the two would get different gradients and the losses
+    after step 1 would leave the one-process run's (rel 1e-5, as in the untied comparison)."""
+    root = tiny["root"]
+    tied = tiny_model_dir(root / "tied", tiny["tok"], seed=2, model_type="qwen2", tie_word_embeddings=True,
+                          qkv_bias=True)
+    steps = ["train.max_steps=3"]
+    cfg = tiny_config("sft", tied, tiny["sft"], root / "tied-single", *steps, "train.grad_accum=2")
+    Trainer(cfg, sft.build_stage(cfg), "cpu").fit()
+    out = root / "tied-two"
+    sets = base_sets(tiny, tiny["sft"], out)[1:] + [f"model.path={tied}"] + steps
+    report = torchrun(2, "sft", sets, root / "tied.json")
+    assert [r["weight_bytes"] > 0 for r in report["memory"]] == [True, False]
+    one, two = metric(root / "tied-single"), metric(out)
+    assert sorted(two) == [1, 2, 3]
+    for s in two:
+        assert two[s] == pytest.approx(one[s], rel=1e-5), s
+    exported = Transformer.from_pretrained(out)
+    assert exported.lm_head.weight is exported.embed_tokens.weight
+
+
 def assert_frozen_sharded(report: dict, n_frozen: int) -> None:
     """Each rank holds about half of each frozen model's parameter bytes, and the two halves cover it;
     after training too (the frozen models' gathered weights were freed after their last forward)."""
@@ -217,6 +254,7 @@ def test_dpo_on_two_ranks(tiny):
     report = torchrun(2, "dpo", base_sets(tiny, tiny["pref"], out) + ["train.max_steps=2", "dpo.reference=\"live\""],
                       tiny["root"] / "dpo.json")
     assert_frozen_sharded(report, 1)
+    assert [r["weight_bytes"] > 0 for r in report["memory"]] == [True, False]  # policy and its copy: rank 0's
     loss = metric(out)
     # step 1: the policy is its reference, so every margin is 0 and the loss is -log sigmoid(0) = log 2
     assert loss[1] == pytest.approx(0.6931472, abs=1e-5)
