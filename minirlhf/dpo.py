@@ -50,7 +50,8 @@ from minirlhf.lora import disable_adapters, has_lora
 from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.trainer import Stage, autocast_for
+from minirlhf.sft import PolicyStage
+from minirlhf.trainer import autocast_for
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def collate_with_reference(examples: Sequence[dict], collate) -> dict[str, torch
 # the stage
 
 
-class PreferenceStage(Stage):
+class PreferenceStage(PolicyStage):
     """One step of the dpo family on a micro-batch of preference pairs."""
 
     def __init__(self, cfg: Config, model: Transformer, tok: Tokenizer, train: list[dict], eval: list[dict],
@@ -286,11 +287,6 @@ class PreferenceStage(Stage):
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
         return {k: v / len(self.eval_examples) for k, v in totals.items()}
-
-    def save_final(self, out_dir: Path) -> None:
-        from minirlhf.sft import save_policy
-
-        save_policy(self.model, self.tok, out_dir)
 
 
 def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> PreferenceStage:

@@ -37,7 +37,10 @@ class ScalarHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(1, hidden_size))
         if not self.weight.is_meta:
-            nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden_size + 1))
+            self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.weight.shape[1] + 1), generator=generator)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., d] -> [...] in float32."""
@@ -105,10 +108,9 @@ class RewardModel(nn.Module):
             model.reward_mean = float(stats.get("mean", 0.0))
             model.reward_std = float(stats.get("std", 1.0))
         else:
-            weight = torch.empty(1, config.hidden_size, dtype=dtype or torch.float32, device=device)
-            nn.init.normal_(weight, std=1.0 / math.sqrt(config.hidden_size + 1),
-                            generator=torch.Generator(device=weight.device).manual_seed(seed))
-            model.head.weight = nn.Parameter(weight)
+            model.head.weight = nn.Parameter(
+                torch.empty(1, config.hidden_size, dtype=dtype or torch.float32, device=device))
+            model.head.reset_parameters(torch.Generator(device=model.head.weight.device).manual_seed(seed))
         return model
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -40,7 +39,8 @@ from minirlhf.dpo import Reference, build_reference, sequence_logps
 from minirlhf.losses import kto_loss
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.trainer import Stage, StepResult
+from minirlhf.sft import PolicyStage
+from minirlhf.trainer import StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def stacked(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tens
     return {k: torch.cat([_pad_to(batch[k], width, v), _pad_to(batch[f"kl_{k}"], width, v)]) for k, v in fill.items()}
 
 
-class KTOStage(Stage):
+class KTOStage(PolicyStage):
     """One KTO step: policy log-probs with gradient, KL-pair log-probs and the reference without."""
 
     def __init__(self, cfg: Config, model: Transformer, tok: Tokenizer, train: list[dict], eval: list[dict],
@@ -171,11 +171,6 @@ class KTOStage(Stage):
                 totals[k] = totals.get(k, 0.0) + float(v) * w
         n = len(self.eval_examples)
         return self.class_means({k: v if k.startswith("_") else v / n for k, v in totals.items()})
-
-    def save_final(self, out_dir: Path) -> None:
-        from minirlhf.sft import save_policy
-
-        save_policy(self.model, self.tok, out_dir)
 
 
 def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> KTOStage:

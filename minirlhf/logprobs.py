@@ -1,8 +1,8 @@
 """From a decoder and a batch to what the losses consume: next-token cross-entropy and per-token
 log-probs of the labels.
 
-Both go through the fused LM-head kernels (minirlhf/kernels) when the head is a plain nn.Linear, so
-the [B, T, V] logits are never materialised; a head wrapped by LoRA goes through plain logits.
+Both go through the fused LM-head kernels (minirlhf/kernels), so the [B, T, V] logits are never
+materialised; a LoRA-adapted head is fused as W + s B A (see `fused_head_weight`).
 Labels are aligned with input_ids (labels[t] is the token at t, -100 where not trained); the shift
 to "position t predicts token t+1" happens here and only here.
 """
@@ -10,13 +10,14 @@ to "position t predicts token t+1" happens here and only here.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from minirlhf import kernels
+from minirlhf.data import IGNORE_INDEX
+from minirlhf.lora import LoRALinear, effective_weight
 from minirlhf.losses import lm_loss, token_logps
 from minirlhf.model import Transformer
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # labels that are not trained
 
 
 def _shifted(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,19 +29,43 @@ def _shifted(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return hidden[:, :-1], batch["labels"][:, 1:]
 
 
-def _plain_head(model: Transformer) -> bool:
-    return type(model.lm_head) is nn.Linear and model.lm_head.bias is None
+def fused_head_weight(model: Transformer) -> torch.Tensor | None:
+    """The [V, H] weight the fused LM-head kernels multiply by: the head's weight, or W + s B A for a
+    LoRA-adapted head (lora.effective_weight). None when the head cannot be fused exactly: a bias, or
+    adapter dropout active in training; the callers then go through plain logits."""
+    head = model.lm_head
+    if getattr(head, "bias", None) is not None:
+        return None
+    if isinstance(head, LoRALinear) and head.training and head.dropout_p > 0 and not (head.merged or head.disabled):
+        return None
+    return effective_weight(head)
 
 
 def causal_lm_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over trained labels (sft and pt)."""
     hidden, labels = _shifted(model, batch)
-    if _plain_head(model):
+    weight = fused_head_weight(model)
+    if weight is not None:
         H = hidden.shape[-1]
-        total = kernels.linear_cross_entropy(hidden.reshape(-1, H), model.lm_head.weight, labels.reshape(-1),
+        total = kernels.linear_cross_entropy(hidden.reshape(-1, H), weight, labels.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum", backend=model.kernel_backend)
         return total / (labels != IGNORE).sum().clamp(min=1)  # a batch with nothing to learn gives 0
     return lm_loss(model.lm_head(hidden), labels, ignore_index=IGNORE)
+
+
+def head_logprobs(model: Transformer, hidden: torch.Tensor, labels: torch.Tensor,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(lm_head(hidden) / temperature)[label] at each position, 0 where label == -100.
+
+    hidden: [B, N, H], labels: [B, N] (the token each position predicts)  ->  [B, N] float32.
+    """
+    B, N, H = hidden.shape
+    weight = fused_head_weight(model)
+    if weight is not None:
+        flat = kernels.linear_logprobs(hidden.reshape(-1, H), weight, labels.reshape(-1),
+                                       temperature=temperature, backend=model.kernel_backend)
+        return flat.view(B, N)
+    return token_logps(model.lm_head(hidden), labels, ignore_index=IGNORE, temperature=temperature)
 
 
 def label_logprobs(model: Transformer, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
@@ -49,9 +74,4 @@ def label_logprobs(model: Transformer, batch: dict[str, torch.Tensor], temperatu
     batch: input_ids, attention_mask, labels [B, T]  ->  [B, T-1] (aligned with labels[:, 1:]).
     """
     hidden, labels = _shifted(model, batch)
-    B, T1, H = hidden.shape
-    if _plain_head(model):
-        flat = kernels.linear_logprobs(hidden.reshape(-1, H), model.lm_head.weight, labels.reshape(-1),
-                                       temperature=temperature, backend=model.kernel_backend)
-        return flat.view(B, T1)
-    return token_logps(model.lm_head(hidden), labels, ignore_index=IGNORE, temperature=temperature)
+    return head_logprobs(model, hidden, labels, temperature)

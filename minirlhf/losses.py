@@ -188,6 +188,15 @@ def reward_pair_loss(
 # direct preference optimization family
 
 
+def reward_centering_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """mean((r_c + r_r)^2): an auxiliary reward-model term that pulls each pair's mean reward towards 0,
+    so scores stay centred (Eisenstein et al. 2023, "Helping or Herding?", sec. 3).
+
+    chosen, rejected: [B] -> scalar.
+    """
+    return ((chosen + rejected) ** 2).mean()
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,

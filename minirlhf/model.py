@@ -304,7 +304,6 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
-        self.kv_cache_len: int | None = None  # set by setup_kv_cache, None without a cache
         self.kv_cache_inv_freq: torch.Tensor | None = None
         self.kernel_backend = "auto"  # "auto" | "triton" | "torch", see minirlhf/kernels
         if not any(p.is_meta for p in self.parameters()):
@@ -382,7 +381,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch, attn.n_kv_heads, max_len, attn.head_dim, p.dtype, p.device)
-        self.kv_cache_len = max_len
         self.kv_cache_inv_freq = None
         if not self.config.is_gpt2 and not rope_is_dynamic(self.config):
             any_length = torch.ones(1, dtype=torch.long, device=p.device)
@@ -391,7 +389,7 @@ class Transformer(nn.Module):
     def clear_kv_cache(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache = None
-        self.kv_cache_len = self.kv_cache_inv_freq = None
+        self.kv_cache_inv_freq = None
 
     def decode_step(
         self,
@@ -408,7 +406,8 @@ class Transformer(nn.Module):
         slots of the same kind (real to real, pad to pad), so no attention row is ever empty.
         Returns [B, t, hidden_size].
         """
-        t, S_max, device = input_ids.shape[1], self.kv_cache_len, input_ids.device
+        t, device = input_ids.shape[1], input_ids.device
+        S_max = self.layers[0].self_attn.kv_cache.k.shape[2]  # the preallocated cache length
         if key_is_real.shape[1] < S_max:  # the slots not written yet; the causal mask hides them
             key_is_real = F.pad(key_is_real, (0, S_max - key_is_real.shape[1]))
         slots = torch.arange(cache_start, cache_start + t, device=device)  # (t,)

@@ -55,6 +55,7 @@ from minirlhf.data import (
     pack_documents,
 )
 from minirlhf.distributed import all_mean, gather_cat, reshard, world_size
+from minirlhf.dpo import build_reference
 from minirlhf.heads import RewardModel
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.lora import disable_adapters, lora_layers, merge_and_unload
@@ -84,7 +85,7 @@ from minirlhf.rollout import (
 )
 from minirlhf.sft import save_policy
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.trainer import Stage, StepResult, Trainer
+from minirlhf.trainer import Stage, StepResult, Trainer, decay_groups
 
 ESTIMATORS = ("gae", "grpo", "rloo")
 
@@ -227,15 +228,6 @@ class PolicyAndCritic(nn.Module):
         self.critic = critic
 
 
-def _decay_groups(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Trainable parameters split as Stage.param_groups does: decay on matrices except embeddings."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    return decay, no_decay
-
-
 class PPOStage(Stage):
     """Rollout, advantages and PPO epochs for one trainer step.
 
@@ -297,13 +289,9 @@ class PPOStage(Stage):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Policy at [train] lr, critic at [ppo] critic_lr (train.lr when 0): four AdamW groups."""
-        decay, no_decay = _decay_groups(self.policy)
-        groups = [{"params": decay, "weight_decay": None}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = decay_groups(self.policy)
         if self.critic is not None:
-            lr = self.cfg.ppo.critic_lr or self.cfg.train.lr
-            decay, no_decay = _decay_groups(self.critic)
-            groups += [{"params": decay, "weight_decay": None, "lr": lr},
-                       {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+            groups += decay_groups(self.critic, lr=self.cfg.ppo.critic_lr or self.cfg.train.lr)
         return groups
 
     def state_dict(self) -> dict[str, Any]:
@@ -547,13 +535,9 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PPOStage:
     own adapter when [lora] is on), frozen reward model, prompts, and the ptx data when ptx_coef > 0."""
     p = cfg.ppo
     tok = build_tokenizer(cfg)
-    policy = build_model(cfg, tok, device=device)
-    reference = None
-    if p.ref_model:
-        reference = _frozen(build_model(cfg, tok, path=p.ref_model, device=device))
-    elif not cfg.lora.enabled:
-        reference = _frozen(copy.deepcopy(policy))
-    policy = apply_lora(cfg, policy)
+    policy = apply_lora(cfg, build_model(cfg, tok, device=device))
+    ref = build_reference(cfg, policy, p.ref_model, "ppo", device)
+    reference = None if ref.adapters_off else ref.model  # None: the policy with its adapters disabled
 
     dtype = DTYPES[cfg.model.dtype]
     reward_dtype = DTYPES[p.reward_dtype] if p.reward_dtype != "auto" else dtype

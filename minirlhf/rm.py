@@ -30,19 +30,11 @@ from minirlhf.build import DTYPES, apply_lora, build_tokenizer, fresh_model_conf
 from minirlhf.config import Config
 from minirlhf.data import BatchIterator, build_datasets
 from minirlhf.heads import RewardModel
-from minirlhf.losses import reward_pair_loss
+from minirlhf.losses import reward_centering_loss, reward_pair_loss
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.trainer import Stage
 
 logger = logging.getLogger(__name__)
-
-
-def centering_penalty(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """mean((r_c + r_r)^2): pulls the pair's mean reward towards 0 (Eisenstein et al. 2023).
-
-    chosen, rejected: [B] -> scalar.
-    """
-    return ((chosen + rejected) ** 2).mean()
 
 
 def pair_scores(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +82,7 @@ class RewardStage(Stage):
         rm = self.cfg.rm
         loss = reward_pair_loss(chosen, rejected, kind=rm.loss, margin=margin)
         if rm.center_rewards_coef > 0:
-            loss = loss + rm.center_rewards_coef * centering_penalty(chosen, rejected)
+            loss = loss + rm.center_rewards_coef * reward_centering_loss(chosen, rejected)
         c, r = chosen.detach(), rejected.detach()
         metrics = {"loss": loss.detach(), "accuracy": (c > r).float().mean(), "margin": (c - r).mean(),
                    "rewards/chosen": c.mean(), "rewards/rejected": r.mean()}

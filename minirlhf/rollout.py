@@ -23,14 +23,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from minirlhf import kernels
 from minirlhf.distributed import reshard
 from minirlhf.heads import RewardModel
-from minirlhf.lora import effective_weight
+from minirlhf.logprobs import IGNORE, head_logprobs
 from minirlhf.losses import entropy_from_logits
 from minirlhf.model import Transformer
 
-IGNORE = -100
 
 
 @dataclass
@@ -155,9 +153,7 @@ def response_logprobs(
     """
     hidden = model.hidden_states(input_ids, attention_mask)[:, prompt_len - 1: -1]  # (B, N, H)
     labels = input_ids[:, prompt_len:].masked_fill(~response_mask.bool(), IGNORE)  # (B, N)
-    B, N, H = hidden.shape
-    logps = kernels.linear_logprobs(hidden.reshape(-1, H), effective_weight(model.lm_head), labels.reshape(-1),
-                                    temperature=temperature, backend=model.kernel_backend).view(B, N)
+    logps = head_logprobs(model, hidden, labels, temperature)  # (B, N)
     entropy = None
     if with_entropy:
         with torch.no_grad():

@@ -46,7 +46,17 @@ def save_policy(model: Transformer, tok: Tokenizer, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
-class LanguageModelingStage(Stage):
+class PolicyStage(Stage):
+    """A stage that trains a policy (pt, sft, dpo, kto): `model` and `tok`, saved by `save_policy`."""
+
+    model: Transformer
+    tok: Tokenizer
+
+    def save_final(self, out_dir: Path) -> None:
+        save_policy(self.model, self.tok, out_dir)
+
+
+class LanguageModelingStage(PolicyStage):
     """pt and sft: mean cross-entropy over the trained labels of each micro-batch."""
 
     def __init__(self, cfg: Config, model: Transformer, tok: Tokenizer, train: list[dict], eval: list[dict],
@@ -76,9 +86,6 @@ class LanguageModelingStage(Stage):
                 count += n
         loss = total / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-    def save_final(self, out_dir: Path) -> None:
-        save_policy(self.model, self.tok, out_dir)
 
 
 def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> LanguageModelingStage:

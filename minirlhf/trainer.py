@@ -47,6 +47,21 @@ class StepResult:
     tokens: int = 0
 
 
+def decay_groups(module: nn.Module, lr: float | None = None) -> list[dict[str, Any]]:
+    """A module's trainable parameters as two AdamW groups: weight decay on matrices except embeddings
+    ("weight_decay": None means [train] weight_decay), none on norms, biases and embeddings. `lr`
+    overrides [train] lr for both groups (ppo's critic)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": None}, {"params": no_decay, "weight_decay": 0.0}]
+    if lr is not None:
+        for g in groups:
+            g["lr"] = lr
+    return groups
+
+
 class Stage:
     """What a stage plugs into the trainer. Subclasses set `model` and `batches` and define `loss`.
 
@@ -63,12 +78,8 @@ class Stage:
         raise NotImplementedError
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters grouped for AdamW: weight decay only on matrices, as is usual."""
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-        return [{"params": decay, "weight_decay": None}, {"params": no_decay, "weight_decay": 0.0}]
+        """Trainable parameters grouped for AdamW (see `decay_groups`)."""
+        return decay_groups(self.model)
 
     def train_step(self, trainer: "Trainer") -> StepResult:
         """One optimizer step: accumulate grad_accum micro-batches, then update. ppo overrides this."""

@@ -608,3 +608,9 @@ def test_dtype_preserved(dtype):
     for i, out in enumerate(outs):
         assert out.dtype == dtype, (i, out.dtype)
         assert torch.isfinite(out).all(), i
+
+
+def test_reward_centering_loss_hand_value():
+    # pairs (1, -1) and (2, 1): sums 0 and 3, squares 0 and 9, mean 4.5
+    chosen, rejected = torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 1.0])
+    assert L.reward_centering_loss(chosen, rejected).item() == pytest.approx(4.5)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from minirlhf.data import collate_prompts
 from minirlhf.demo.task import gold_score
 from minirlhf.logprobs import label_logprobs
 from minirlhf.model import Transformer
@@ -52,11 +53,10 @@ def evaluate_policy(policy: Transformer, tok: Tokenizer, prompts: list[str], ref
     answers, kls, lengths = [], [], []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i: i + batch_size]
-        encoded = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True).ids
-                   for p in chunk]
-        width = max(map(len, encoded))
-        ids = torch.tensor([[tok.pad_id] * (width - len(e)) + e for e in encoded])
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        encoded = [{"input_ids": tok.apply_chat_template([{"role": "user", "content": p}],
+                                                         add_generation_prompt=True).ids} for p in chunk]
+        prompts_batch = collate_prompts(encoded, tok.pad_id)  # left padded for generation
+        ids, mask = prompts_batch["input_ids"], prompts_batch["attention_mask"]
         out = policy.generate(ids, mask, max_new_tokens=max_new_tokens, temperature=1.0,
                               eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id, generator=generator)
         for row, valid in zip(out.tokens.tolist(), out.mask.tolist()):
