@@ -84,18 +84,20 @@ class Stage:
     def train_step(self, trainer: "Trainer") -> StepResult:
         """One optimizer step: accumulate grad_accum micro-batches, then update. ppo overrides this."""
         accum = trainer.cfg.train.grad_accum
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}  # summed on the device, read once per step
         tokens = 0
         for _ in range(accum):
-            batch = trainer.to_device(next(self.batches))
+            batch = next(self.batches)
+            tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))  # on the host
+            batch = trainer.to_device(batch)
             with trainer.autocast():
                 loss, metrics = self.loss(batch)
             trainer.backward(loss / accum, metrics)
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / accum
-            tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
-        totals.update(trainer.optimizer_step())
-        return StepResult(totals, tokens)
+                totals[k] = totals.get(k, 0.0) + v.detach() / accum
+        metrics = {k: float(v) for k, v in totals.items()}
+        metrics.update(trainer.optimizer_step())
+        return StepResult(metrics, tokens)
 
     def steps_per_epoch(self) -> int:
         """Trainer steps in one pass over the data (ppo: over the prompts, one rollout a step)."""
