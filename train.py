@@ -12,7 +12,8 @@ import argparse
 import importlib
 import sys
 
-from minirlhf.config import STAGES, ConfigError, load_config
+from minirlhf.config import STAGES, load_config
+from minirlhf.errors import UserError
 
 # each stage is one module with build_stage(cfg, device) -> trainer.Stage
 STAGE_MODULES = {"pt": "minirlhf.sft", "sft": "minirlhf.sft", "rm": "minirlhf.rm", "dpo": "minirlhf.dpo",
@@ -64,13 +65,9 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minirlhf.checkpoint import CheckpointError
-    from minirlhf.data import DataError
-    from minirlhf.trainer import TrainingError
-
     try:
         summary = run(argv)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except UserError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     print(f"{summary['status']} at step {summary['step']}: {summary['output_dir']}")

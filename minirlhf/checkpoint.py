@@ -18,10 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minirlhf.errors import UserError
 from minirlhf.model import FAMILIES, ModelConfig, Transformer
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A model directory that cannot be read or does not match the model."""
 
 

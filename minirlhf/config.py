@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from minirlhf.errors import UserError
+
 STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo")
 
 # data formats each stage can read ("auto" picks the stage's natural format, see minirlhf/data.py)
@@ -47,7 +49,7 @@ STAGE_FORMATS = {
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A problem in a config: says which file (or --set argument), [section] and key, and what is wrong."""
 
     def __init__(self, message: str, section: str | None = None, key: str | None = None):

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from minirlhf.config import Config, DataSection
+from minirlhf.errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A malformed input row or file; the message starts with `file:line:`."""
 
 

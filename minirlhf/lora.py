@@ -48,6 +48,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from minirlhf.checkpoint import GPT2_BLOCK_NAMES, GPT2_TOP_NAMES
+from minirlhf.errors import UserError
 from minirlhf.model import Transformer
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -62,7 +63,7 @@ TOKENIZER_FILES = (
 )
 
 
-class LoRAError(ValueError):
+class LoRAError(UserError, ValueError):
     """An adapter that cannot be built, saved, loaded or merged as asked."""
 
 

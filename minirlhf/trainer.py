@@ -33,9 +33,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from minirlhf.config import Config
+from minirlhf.errors import UserError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (a non-finite loss, a checkpoint that does not fit the run)."""
 
 
