@@ -783,13 +783,43 @@ class ResumableSampler:
         self._order = self._epoch_order(self.epoch)
 
 
+class StratifiedSampler(ResumableSampler):
+    """A ResumableSampler whose every batch holds each class in its share of the whole data (+-1 example).
+
+    The epoch's permutation (seed + epoch, as above) sets the order within each class; the classes are then
+    merged by relative position, the k-th of the n members of a class going to (k + 0.5) / n, so members of
+    every class are spread evenly over the epoch. strata: [N] the class of each example (any hashable).
+    """
+
+    def __init__(self, strata: Sequence[Any], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False):
+        self.strata = list(strata)
+        self.sizes: dict[Any, int] = {}
+        for c in self.strata:
+            self.sizes[c] = self.sizes.get(c, 0) + 1
+        super().__init__(len(self.strata), batch_size, seed, shuffle, drop_last)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        seen: dict[Any, int] = {}
+        keyed = []
+        for i in super()._epoch_order(epoch):
+            c = self.strata[i]
+            seen[c] = seen.get(c, 0) + 1
+            keyed.append(((seen[c] - 0.5) / self.sizes[c], i))
+        return [i for _, i in sorted(keyed)]
+
+
 class BatchIterator:
-    """Collated batches of `examples` in the order of a ResumableSampler; checkpoint its state_dict."""
+    """Collated batches of `examples` in the order of a ResumableSampler (a StratifiedSampler when `strata`
+    gives each example's class); checkpoint its state_dict."""
 
     def __init__(self, examples: Sequence[dict], batch_size: int, collate: Callable[[Sequence[dict]], Any],
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = False):
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, strata: Sequence[Any] | None = None):
         self.examples, self.collate = examples, collate
-        self.sampler = ResumableSampler(len(examples), batch_size, seed, shuffle, drop_last)
+        if strata is None:
+            self.sampler = ResumableSampler(len(examples), batch_size, seed, shuffle, drop_last)
+        else:
+            self.sampler = StratifiedSampler(strata, batch_size, seed, shuffle, drop_last)
         self.rank, self.world_size = 0, 1
 
     def shard(self, rank: int, world_size: int) -> None:

@@ -21,7 +21,10 @@ and when the data size leaves a last micro-batch of one example the sampler drop
 (the dropped examples change every epoch).
 
 The paper recommends lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] (sec. 4.2, "data imbalance");
-build_stage warns outside that range and says which desirable_weight would bring it back.
+build_stage warns outside that range and says which desirable_weight would bring it back. With
+[kto] balanced_batches (default) every micro-batch holds the two classes in the data's proportion
+(data.StratifiedSampler), as the KTO authors' loader interleaves them; TRL shuffles plainly, and then a
+micro-batch's class count, and with it the weighted pull on what all answers share, varies from step to step.
 
 The reference is the policy with its adapters disabled under LoRA, else a frozen copy of the starting
 model (or [kto] ref_model); it runs live, because the KL pairs change with the shuffled batches.
@@ -115,8 +118,9 @@ class KTOStage(PolicyStage):
         self.eval_examples = eval
         size = cfg.train.micro_batch_size
         drop_last = size > 1 and len(train) % size == 1 and len(train) > size
+        strata = [e["desirable"] for e in train] if cfg.kto.balanced_batches else None
         self.batches = BatchIterator(train, size, collate, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
-                                     drop_last=drop_last)
+                                     drop_last=drop_last, strata=strata)
 
     def frozen_modules(self) -> list[Transformer]:
         """The reference's frozen model (none when the reference is the policy with adapters off)."""

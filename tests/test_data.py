@@ -20,9 +20,9 @@ import pytest
 
 from minirlhf.config import DataSection, load_config
 from minirlhf.data import (
-    IGNORE_INDEX, BatchIterator, DataError, ResumableSampler, build_datasets, collate_kto, collate_preference,
-    collate_prompts, collate_sft, encode_kto, encode_preference, encode_prompt, encode_sft, encode_text,
-    load_examples, pack_documents, pack_examples, read_all, split_rows,
+    IGNORE_INDEX, BatchIterator, DataError, ResumableSampler, StratifiedSampler, build_datasets, collate_kto,
+    collate_preference, collate_prompts, collate_sft, encode_kto, encode_preference, encode_prompt, encode_sft,
+    encode_text, load_examples, pack_documents, pack_examples, read_all, split_rows,
 )
 
 BOS, EOT = 1, 2
@@ -317,6 +317,35 @@ def test_shuffling_is_deterministic_and_resumable():
                        lambda exs: collate_sft(exs, 0), seed=7)
     assert it.batches_per_epoch == 4
     assert next(it)["input_ids"][:, 0].tolist() == first[0]
+
+
+def test_stratified_batches_hold_each_class_in_its_share():
+    # 40 examples, 10 of class True (a quarter), batches of 8: every batch holds 2 of them (8 / 4), each
+    # epoch is a permutation, epochs differ, and a resumed sampler continues with the same batches
+    strata = [i % 4 == 1 for i in range(40)]
+    a = StratifiedSampler(strata, 8, seed=5)
+    batches = [next(a) for _ in range(15)]  # three epochs of five
+    assert [sum(strata[i] for i in b) for b in batches] == [2] * 15
+    for e in range(3):
+        assert sorted(i for b in batches[5 * e: 5 * e + 5] for i in b) == list(range(40))
+    assert batches[:5] != batches[5:10]
+    r = StratifiedSampler(strata, 8, seed=5)
+    [next(r) for _ in range(7)]
+    resumed = StratifiedSampler(strata, 8, seed=5)
+    resumed.load_state_dict(r.state_dict())
+    assert [next(resumed) for _ in range(8)] == batches[7:]
+    # uneven shares: 3 classes of 7, 11, 22 in batches of 10 -> within one of 1.75, 2.75, 5.5 in every batch
+    three = [0] * 7 + [1] * 11 + [2] * 22
+    s = StratifiedSampler(three, 10, seed=1)
+    for _ in range(8):
+        counts = [sum(three[i] == c for i in next(s)) for c in range(3)]
+        assert all(abs(n - share) < 1 + 1e-9 for n, share in zip(counts, (1.75, 2.75, 5.5))), counts
+    # through BatchIterator; without strata a plain shuffle (whose batches vary: 0 to 4 here)
+    it = BatchIterator([{"input_ids": [i], "labels": [i]} for i in range(40)], 8, lambda exs: collate_sft(exs, 0),
+                       seed=5, strata=strata)
+    assert next(it)["input_ids"][:, 0].tolist() == batches[0]
+    plain = ResumableSampler(40, 8, seed=5)
+    assert len({sum(strata[i] for i in next(plain)) for _ in range(15)}) > 1
 
 
 def test_eval_split_deterministic_and_disjoint():

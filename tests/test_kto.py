@@ -113,6 +113,20 @@ def test_batch_of_one_warns_and_no_trailing_batch_of_one(tiny, caplog):
     assert [len(c) for c in stage.eval_chunks()] == [3, 4]
 
 
+def test_micro_batches_hold_the_classes_in_the_data_proportion(tiny):
+    # Regression (the demo's KL of 10 to 18 from sft): with a plain shuffle a micro-batch of 16 from data with
+    # a quarter desirable holds anywhere from 0 to 9 of them, and the weighted loss's pull on the end-of-turn
+    # token that every answer shares swings with that count; Adam followed it down (-9 nats per answer).
+    # Batches now interleave the classes as the KTO authors' loader does: 16 rows, 4 desirable, batches of
+    # 4 -> exactly 1 each, every epoch; `balanced_batches = false` restores the plain shuffle.
+    skewed = write_jsonl(tiny["dir"] / "quarter.jsonl", kto_rows(16, desirable_every=4))
+    stage, _ = make_stage(tiny, "balanced", "kto.desirable_weight=3.0", "data.shuffle=true", train=skewed)
+    assert [int(next(stage.batches)["desirable"].sum()) for _ in range(12)] == [1] * 12
+    plain, _ = make_stage(tiny, "plain", "kto.desirable_weight=3.0", "data.shuffle=true",
+                          "kto.balanced_batches=false", train=skewed)
+    assert {int(next(plain.batches)["desirable"].sum()) for _ in range(12)} != {1}
+
+
 def test_class_balance_warning(tiny, caplog):
     assert kto.check_class_balance(5, 4, 1.0, 1.0) is None  # 1.25
     assert kto.check_class_balance(4, 3, 1.0, 1.0) is None  # 4/3 exactly
