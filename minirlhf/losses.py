@@ -537,9 +537,10 @@ def group_relative_advantages(
 
     A_i = (r_i - mean_g(r)) / (std + eps)                    (DeepSeekMath, Shao et al. 2024, sec. 4.1.2)
       scale_rewards="group": std of the group (the paper's GRPO; TRL's default)
-      scale_rewards="batch": std of all N rewards (group mean, batch std: "Tricks or Traps", Liu et al. 2025)
-      scale_rewards="none":  no division (Dr. GRPO, Liu et al. 2025, sec. 3.1: the std favours groups that
-                             are nearly all right or all wrong)
+      scale_rewards="batch": std of all N rewards (group mean, batch std: Lite PPO, Z. Liu et al. 2025,
+                             "Tricks or Traps? A Deep Dive into RL for LLM Reasoning")
+      scale_rewards="none":  no division (Dr. GRPO, Z. Liu et al. 2025, "Understanding R1-Zero-Like
+                             Training", sec. 3.1: the std up-weights groups nearly all right or all wrong)
     NaN rewards (unscorable completions) are left out of the means and stds and get advantage 0; std is the
     unbiased sample std, as in TRL. rewards: [N] prompt-major, N = num_groups * group_size. Returns [N],
     detached; the same advantage applies to every token of the completion (never re-whitened per token).
@@ -559,7 +560,7 @@ def leave_one_out_advantages(
 ) -> Tensor:
     """RLOO: each reward minus the mean of the other scorable samples of its prompt.
 
-    A_i = r_i - 1/(k - 1) * sum_{j != i} r_j        (Kool et al. 2019; Ahmadian et al. 2024, eq. 7)
+    A_i = r_i - 1/(k - 1) * sum_{j != i} r_j        (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics")
     k counts the group's scorable (non-NaN) rewards; an unscorable completion, or the only scorable one of
     its group, gets 0. scale_rewards="batch" then standardizes over the batch, (A - mean A) / (std A + eps),
     which is TRL RLOOTrainer's `normalize_advantages`; "none" (the default, the paper's) leaves A as it is.
@@ -643,7 +644,7 @@ def informative_groups(grouped_rewards: Tensor, tol: float = 0.0) -> Tensor:
     """DAPO dynamic sampling: which groups carry a learning signal.
 
     A group whose G rewards are all equal has every group-relative advantage 0 and adds only noise (and
-    KL) to the update; DAPO (Yu et al. 2025, eq. 11, constraint 0 < |{o_i correct}| < G) drops such groups
+    KL) to the update; DAPO (Yu et al. 2025, sec. 3.2: 0 < |{o_i correct}| < G) drops such groups
     and samples more prompts until the batch is full. Here a group is kept when at least two of its rewards
     are non-NaN and max - min > tol over them. grouped_rewards: [num_groups, G] (the aggregated reward of
     each completion, NaN = unscorable). Returns [num_groups] bool.
@@ -695,27 +696,28 @@ def grpo_policy_loss(
     Per token t of completion i, with r_it = pi(y_it) / pi_old(y_it) and A_i the completion's advantage:
       clipped (grpo, bnpo, dapo, dr_grpo):
         l_it = -min(r_it A_i, clip(r_it, 1 - eps_low, 1 + eps_high) A_i)   (PPO-clip, DeepSeekMath eq. 3;
-               eps_high > eps_low is DAPO's clip-higher, Yu et al. 2025, eq. 10)
+               eps_high > eps_low is DAPO's clip-higher, Yu et al. 2025, sec. 3.1)
         delta (INTELLECT-2 two-sided clipping, 2025): r_it in the unclipped branch is capped at delta, so a
                negative advantage cannot push a token whose ratio has already run away.
-      cispo (MiniMax-M1, 2025, eq. 4):
+      cispo (MiniMax-M1, 2025, sec. 3.1):
         l_it = -sg(min(r_it, 1 + eps_high)) A_i log pi(y_it)  the importance weight is clipped and
                detached, so every token keeps a gradient (no lower bound, as MiniMax-M1 runs it). TRL's
                cispo takes the cap itself as `epsilon_high`: TRL's 5.0 is 4.0 here.
-      importance_sampling_level="sequence" (GSPO, Zheng et al. 2025, eqs. 7 and 10 ("GSPO-token")):
+      importance_sampling_level="sequence" (GSPO, Zheng et al. 2025, sec. 4.1; the "GSPO-token" form):
         r_it = sg(s_i) * pi(y_it) / sg(pi(y_it)),  s_i = exp(mean_t log(pi(y_it) / pi_old(y_it)))
                every token of i carries the sequence ratio s_i (so clipping acts on whole sequences) and the
                gradient s_i * grad log pi(y_it); this equals TRL's [B, 1] sequence ratio in value and
                gradient under every aggregation below, and also takes per-token advantages.
-      beta > 0 adds beta * k3_it, k3 = e^d - d - 1, d = log ref - log pi (Schulman 2020), to every token
-               (DeepSeekMath eq. 4: the KL term sits inside the token average).
+      beta > 0 adds beta * k3_it, k3 = e^d - d - 1, d = log ref - log pi (Schulman 2020; DeepSeekMath
+               eq. 4), to every token, inside the token average as in DeepSeekMath eq. 3.
     Aggregation of l_it (mask m_it), `loss_type`:
       grpo:    mean_i [ sum_t m l / sum_t m ]           (per-sequence token mean; DeepSeekMath eq. 3)
       bnpo:    sum_it m l / sum_it m                    (token mean over this micro-batch)
       dapo:    sum_it m l / num_items_in_batch          (token mean over the whole accumulated batch, DAPO
-               eq. 12; the caller passes that batch's token count (per rank) and sums the micro-batch losses;
-               None = this micro-batch's count, i.e. bnpo)
-      dr_grpo: sum_it m l / (B * max_completion_length)  (Dr. GRPO, Liu et al. 2025, eq. 3's constant)
+               sec. 3.3: the caller passes that batch's token count, summed over ranks and divided by the
+               number of ranks, as gradients are averaged over ranks, and sums, not averages, the
+               micro-batch losses; None = this micro-batch's count, i.e. bnpo)
+      dr_grpo: sum_it m l / (B * max_completion_length)  (Dr. GRPO: a constant in place of |o_i|)
       cispo:   as dapo.
     grpo, bnpo and dr_grpo are means over this micro-batch: divide by the accumulation steps as usual.
 
