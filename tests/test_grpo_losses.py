@@ -303,11 +303,8 @@ def test_policy_loss_options_are_checked():
 
 
 @pytest.fixture(scope="module")
-def trl_trainer():
-    trl = pytest.importorskip("trl")
-    from trl import GRPOTrainer
-
-    return trl, GRPOTrainer
+def trl():
+    return pytest.importorskip("trl")
 
 
 class _OneProcess:
@@ -367,8 +364,7 @@ def random_batch(seed, B=6, T=7, spread=0.4):
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo", "cispo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("beta, delta", [(0.0, None), (0.04, 1.5)])
-def test_policy_loss_matches_trl(trl_trainer, loss_type, level, beta, delta):
-    _, GRPOTrainer = trl_trainer
+def test_policy_loss_matches_trl(trl, loss_type, level, beta, delta):
     if loss_type == "cispo":
         delta = None  # TRL ignores delta for cispo; ours rejects it
     # spread 0.4 on the token log-ratios: a good share of tokens (and of sequences) ends up clipped
@@ -386,7 +382,7 @@ def test_policy_loss_matches_trl(trl_trainer, loss_type, level, beta, delta):
     trl_lp = base.clone().requires_grad_()
     # TRL's cispo takes the cap on the weight itself as epsilon_high; ours takes 1 + epsilon_high
     theirs, metrics = trl_loss(
-        GRPOTrainer, trl_lp, old, adv, mask, loss_type=loss_type, epsilon_low=eps_low,
+        trl.GRPOTrainer, trl_lp, old, adv, mask, loss_type=loss_type, epsilon_low=eps_low,
         epsilon_high=1 + eps_high if loss_type == "cispo" else eps_high, level=level, beta=beta,
         ref=ref if beta else None, delta=delta, num_items=num_items, max_len=max_len)
     theirs.backward()
@@ -405,19 +401,24 @@ def test_policy_loss_matches_trl(trl_trainer, loss_type, level, beta, delta):
         assert stats["kl"].item() == pytest.approx(metrics["kl"])
 
 
-def trl_advantages(trainer_cls, start, end, namespace):
-    """Run the lines of trainer_cls._generate_and_score_completions from `start` to `end` (inclusive), its
-    rewards-to-advantages block, on the tensors in `namespace`.
+def trl_advantages(trainer_cls, self, rewards_per_func):
+    """Run the rewards-to-advantages block of trainer_cls._generate_and_score_completions (the lines from
+    `unscorable_mask = ...` to `advantages = torch.nan_to_num(...)`) on `rewards_per_func`, with `self`
+    standing in for the trainer.
 
     That method also tokenizes, generates and scores, so it cannot run without a full trainer; the block
-    in between reads only the rewards, a few attributes (`self`) and `num_generations`, so we take its
-    source text from TRL and execute exactly that. If TRL rewrites the block, the markers are not found
-    and the test fails, telling us to look again."""
-    source = inspect.getsource(trainer_cls._generate_and_score_completions)
-    lines = source.splitlines()
+    reads only the rewards, a few attributes of `self` and `num_generations`, so we take its source text
+    from TRL and execute exactly that. If TRL rewrites the block, the markers are not found and the test
+    fails, telling us to look again."""
+    from trl.trainer.utils import nanstd
+
+    start, end = "unscorable_mask = torch.isnan(rewards_per_func)", "advantages = torch.nan_to_num(advantages, nan=0.0)"
+    lines = inspect.getsource(trainer_cls._generate_and_score_completions).splitlines()
     first = next((i for i, line in enumerate(lines) if line.strip().startswith(start)), None)
     last = next((i for i, line in enumerate(lines) if first is not None and i > first and line.strip() == end), None)
     assert first is not None and last is not None, f"TRL's {trainer_cls.__name__} changed: block not found"
+    namespace = dict(torch=torch, nanstd=nanstd, self=self, rewards_per_func=rewards_per_func.clone(),
+                     num_generations=4, device="cpu")
     exec(textwrap.dedent("\n".join(lines[first: last + 1])), namespace)
     return namespace["advantages"]
 
@@ -436,34 +437,21 @@ def reward_table(seed, groups=4, G=4, F=2):
     ("sum_then_normalize", "group"), ("sum_then_normalize", "batch"), ("sum_then_normalize", "none"),
     ("normalize_then_sum", "group"),
 ])
-def test_grpo_advantages_match_trl(trl_trainer, aggregation, scale_rewards):
-    trl, GRPOTrainer = trl_trainer
-    from trl.trainer.utils import nanstd
-
-    rewards, weights = reward_table(seed=3), torch.tensor([1.0, 0.5])
+def test_grpo_advantages_match_trl(trl, aggregation, scale_rewards):
+    rewards, weights = reward_table(seed=3), torch.tensor([1.0, 0.5])  # groups of 4
     ours = L.grpo_advantages(rewards, 4, weights, aggregation=aggregation, scale_rewards=scale_rewards)
     self = SimpleNamespace(multi_objective_aggregation=aggregation, scale_rewards=scale_rewards,
                            reward_weights=weights, reward_funcs=[None, None])
-    theirs = trl_advantages(GRPOTrainer, "unscorable_mask = torch.isnan(rewards_per_func)",
-                            "advantages = torch.nan_to_num(advantages, nan=0.0)",
-                            dict(torch=torch, nanstd=nanstd, self=self, rewards_per_func=rewards.clone(),
-                                 num_generations=4, device="cpu"))
+    theirs = trl_advantages(trl.GRPOTrainer, self, rewards)
     torch.testing.assert_close(ours, theirs)
     assert ours.abs().sum() > 0
 
 
 @pytest.mark.parametrize("scale_rewards, normalize", [("none", False), ("batch", True)])
-def test_rloo_advantages_match_trl(trl_trainer, scale_rewards, normalize):
-    pytest.importorskip("trl")
-    from trl import RLOOTrainer
-    from trl.trainer.utils import nanstd
-
-    rewards, weights = reward_table(seed=5), torch.tensor([0.7, 1.0])
+def test_rloo_advantages_match_trl(trl, scale_rewards, normalize):
+    rewards, weights = reward_table(seed=5), torch.tensor([0.7, 1.0])  # groups of 4
     ours = L.grpo_advantages(rewards, 4, weights, estimator="rloo", scale_rewards=scale_rewards)
     self = SimpleNamespace(reward_weights=weights, reward_clip_range=None, beta=0.0, normalize_advantages=normalize)
-    theirs = trl_advantages(RLOOTrainer, "unscorable_mask = torch.isnan(rewards_per_func)",
-                            "advantages = torch.nan_to_num(advantages, nan=0.0)",
-                            dict(torch=torch, nanstd=nanstd, self=self, rewards_per_func=rewards.clone(),
-                                 num_generations=4, device="cpu"))
+    theirs = trl_advantages(trl.RLOOTrainer, self, rewards)
     torch.testing.assert_close(ours, theirs)
     assert ours.abs().sum() > 0
