@@ -383,8 +383,9 @@ class PPOSection:
     kl_estimator: str = _f("k1", "per-token KL estimate: k1 = log p - log q | k3 = (r - 1) - log r (Schulman 2020)")
     whiten_advantages: bool = _f(True, "estimator gae: normalise advantages to zero mean, unit variance over the "
                                        "rollout's answer tokens (grpo and rloo are never re-whitened)")
-    reward_norm: str = _f("none", "normalise scores before the KL penalty: none | running (mean/std of every score "
-                                  "so far) | rm (the reward model's training-set mean/std saved by the rm stage)")
+    reward_norm: str | bool = _f("none", "normalise scores before the KL penalty: none | running (mean/std of "
+                                         "every score so far) | rm (the reward model's training-set mean/std "
+                                         "saved by the rm stage); older configs' true / false mean running / none")
     reward_clip: float = _f(0.0, "clip scores to [-reward_clip, reward_clip]; 0 = off")
     ptx_coef: float = _f(0.0, "weight of the pretraining loss mixed into the policy loss (InstructGPT eq. 2)")
     ptx_files: list[str] = _f([], "pretraining text for ptx_coef > 0 (same formats as pt)", path=True)
@@ -415,6 +416,8 @@ class PPOSection:
         _check(0.0 <= self.lam <= 1.0, s, "lam", "in [0, 1]", self.lam)
         _check(self.target_kl > 0, s, "target_kl", "> 0", self.target_kl)
         _check_choice(s, "kl_estimator", self.kl_estimator, ("k1", "k3"))
+        if isinstance(self.reward_norm, bool):  # configs written before "rm" existed: true = running
+            self.reward_norm = "running" if self.reward_norm else "none"
         _check_choice(s, "reward_norm", self.reward_norm, ("none", "running", "rm"))
         _check(self.temperature > 0, s, "temperature", "> 0 (rollout log-probs need a proper distribution)",
                self.temperature)

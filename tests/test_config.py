@@ -178,3 +178,11 @@ def test_default_toml_documents_every_field():
     cfg = Config()
     assert parsed["train"]["lr"] == cfg.train.lr and parsed["ppo"]["kl_estimator"] == cfg.ppo.kl_estimator
     assert parsed["model"]["init"] == dataclasses.asdict(cfg.model.init)
+
+
+def test_reward_norm_booleans_of_older_configs_still_load(tmp_path):
+    # [ppo] reward_norm was a boolean before it became none | running | rm; old configs keep working
+    for value, meaning in (("true", "running"), ("false", "none"), ('"rm"', "rm")):
+        cfg = load_config(None, ["model.tokenizer=/tok", 'data.train_files=["/d.jsonl"]',
+                                 "ppo.reward_model=/rm", f"ppo.reward_norm={value}"], stage="ppo")
+        assert cfg.ppo.reward_norm == meaning
