@@ -215,6 +215,34 @@ def test_gpt2_within_its_position_table_trains(good, tmp_path):
     assert train.main(cli_args(Run(model, good["sft"], sets=["data.cutoff_len=32"]), tmp_path / "out")) == 0
 
 
+@pytest.mark.parametrize("name,content,says", [
+    ("config.json", "[1, 2]", "config.json: expected a JSON object, got list"),
+    ("config.json", b'{"model_type": "llama\xff"}', "config.json: not UTF-8 text"),
+    ("model.safetensors.index.json", "{}", "model.safetensors.index.json: no 'weight_map' object"),
+    ("model.safetensors.index.json", '{"weight_map": ', "model.safetensors.index.json:1: invalid JSON"),
+    ("generation_config.json", '{"eos_token_id": 2,}', "generation_config.json:1: invalid JSON"),
+    ("special_tokens_map.json", '["</s>"]', "special_tokens_map.json: expected a JSON object, got list"),
+])
+def test_damaged_files_of_a_model_directory(good, tmp_path, capsys, name, content, says):
+    model = copy_model(good, tmp_path)
+    target = model / name
+    if isinstance(content, bytes):
+        target.write_bytes(content)
+    else:
+        target.write_text(content)
+    err = one_line_error(Run(model, good["sft"]), tmp_path, capsys)
+    assert f"{model}/{says}" in err
+
+
+def test_integer_tensor_where_a_weight_belongs(good, tmp_path, capsys):
+    model = copy_model(good, tmp_path)
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"] = torch.ones(32, dtype=torch.int32)
+    save_file(weights, model / "model.safetensors")
+    err = one_line_error(Run(model, good["sft"]), tmp_path, capsys)
+    assert f"{model / 'model.safetensors'}: tensor 'model.norm.weight' holds torch.int32 values" in err
+
+
 # -- tokenizer files -----------------------------------------------------------------------------
 
 
