@@ -310,7 +310,7 @@ def _safetensors(file: Path) -> Iterator:
         raise CheckpointError(f"{file}: not a readable safetensors file ({reason})") from None
 
 
-def _read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """One tensor at a time, memory-mapped."""
     with _safetensors(file) as f:
         for name in f.keys():
@@ -337,7 +337,7 @@ def read_weights(path: Path, model: torch.nn.Module, config: ModelConfig, dtype:
     state: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
-        for hf_name, tensor in _read_tensors(file):
+        for hf_name, tensor in read_tensors(file):
             if hf_name in allowed_extra:
                 extra[hf_name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
                 continue
