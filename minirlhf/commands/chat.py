@@ -143,21 +143,30 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = []
 
-    def render_ids(self) -> list[int]:
-        """The whole conversation through the chat template, ready for the assistant's next turn."""
+    def render_ids(self, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """The conversation (or `messages` after the system prompt) through the chat template, ready for the
+        assistant's next turn."""
         import jinja2
 
+        system = [{"role": "system", "content": self.system}] if self.system else []
         try:
-            text = self.tok.render_chat(self.conversation(), add_generation_prompt=True)
+            text = self.tok.render_chat(self.conversation() if messages is None else system + messages,
+                                        add_generation_prompt=True)
         except jinja2.TemplateError as e:
             raise ChatError(f"the chat template refuses this conversation: {e}") from None
         return self.tok.encode(text)
 
     def fit_context(self) -> tuple[list[int], int]:
         """The prompt ids, after dropping the oldest exchanges until the prompt leaves room for an answer
-        (--max-new-tokens, at most half the context). Returns (ids, messages dropped)."""
+        (--max-new-tokens, at most half the context). Returns (ids, messages dropped). A last message
+        that cannot fit even alone is refused before anything is dropped."""
         room = min(self.sampling.max_new_tokens, self.capacity // 2)
         ids, dropped = self.render_ids(), 0
+        if len(ids) + room > self.capacity:
+            alone = len(self.render_ids(self.messages[-1:]))
+            if alone >= self.capacity:
+                raise ChatError(f"this message makes a prompt of {alone} tokens; the context holds "
+                                f"{self.capacity} (--context)")
         while len(ids) + room > self.capacity and len(self.messages) > 1:
             del self.messages[0]
             dropped += 1
@@ -165,9 +174,6 @@ class ChatSession:
                 del self.messages[0]
                 dropped += 1
             ids = self.render_ids()
-        if len(ids) >= self.capacity:
-            raise ChatError(f"this message makes a prompt of {len(ids)} tokens; the context holds "
-                            f"{self.capacity} (--context)")
         return ids, dropped
 
     # -- the model -----------------------------------------------------------------------------
@@ -177,6 +183,8 @@ class ChatSession:
         Returns (logits [V] of the next token, number of tokens reused)."""
         import torch
 
+        if len(ids) > self.capacity:
+            raise ChatError(f"a prompt of {len(ids)} tokens does not fit the {self.capacity}-token context")
         reused = 0
         for a, b in zip(self.cached, ids):
             if a != b:
