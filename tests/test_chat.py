@@ -76,6 +76,38 @@ def test_kv_cache_is_reused_across_turns_and_matches_a_full_forward(tiny):
         session.close()
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gpt2"])
+def test_every_family_chats_through_the_cache(tiny, family, tmp_path, capsys):
+    """The cache path equals a full forward on each family; gpt2, saved here without a chat template,
+    gets the built-in plain one, and says so."""
+    import json
+
+    from minirlhf.commands.loading import load_chat_tokenizer
+
+    extra = {"gpt2": {"num_key_value_heads": 4}, "qwen2": {"qkv_bias": True}}.get(family, {})
+    model_dir = tiny_model_dir(tmp_path / family, tiny["tok"], seed=3, model_type=family, **extra)
+    if family == "gpt2":
+        config_file = model_dir / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config.pop("chat_template")
+        config_file.write_text(json.dumps(config))
+    tok = load_chat_tokenizer(model_dir)
+    assert ("has no chat template; using the built-in 'plain' template" in capsys.readouterr().err) == (
+        family == "gpt2")
+    model = Transformer.from_pretrained(model_dir).eval()
+    reference = Transformer.from_pretrained(model_dir).eval()
+    session = ChatSession(model, tok, Sampling(temperature=0.0, max_new_tokens=6), capacity=128)
+    try:
+        session.reply("Review the tent.", lambda text: None)
+        session.messages.append({"role": "user", "content": "And the lamp?"})
+        ids = session.render_ids()
+        logits, reused = session.prefill(ids)
+        assert reused > 0
+        torch.testing.assert_close(logits, full_forward_logits(reference, ids), atol=1e-5, rtol=1e-5)
+    finally:
+        session.close()
+
+
 def test_the_context_limit_drops_old_turns_and_refuses_a_message_too_long(tiny):
     tok = tiny["tok"]
     model = Transformer.from_pretrained(tiny["chatty"]).eval()

@@ -20,7 +20,7 @@ from helpers_tiny import prompt, tiny_model_dir, tiny_tokenizer, write_jsonl
 from test_generate import constant_model_dir
 
 from minirlhf import cli
-from minirlhf.commands.evaluate import per_prompt, win_scores
+from minirlhf.commands.measures import per_prompt, win_scores
 from minirlhf.commands.generate import generate_answers, read_prompts
 from minirlhf.commands.report import bootstrap_interval
 from minirlhf.commands.sampling import Sampling
@@ -302,3 +302,20 @@ def test_the_demo_judge_is_a_reward_function():
     prompts = ["What did you think of the coffee?"] * 2
     answers = [" I loved the coffee. It was great. ", "bad"]
     assert gold(prompts, answers, row=[0, 1]) == [gold_reward(p, a.strip()) for p, a in zip(prompts, answers)]
+
+
+def test_answer_files_pair_with_models_on_the_same_prompts(tiny, tmp_path, capsys):
+    answers = tmp_path / "policy_answers.jsonl"
+    assert cli.main(["generate", "--model", str(tiny["policy"]), "--prompts", str(tiny["prompts"]), "--out",
+                     str(answers), "--max-new-tokens", "4"]) == 0
+    m = run_eval(tmp_path, "--policy", str(answers), "--baseline", str(tiny["baseline"]), "--reward-model",
+                 str(tiny["rm"]), "--prompts", str(tiny["prompts"]))
+    assert m["greedy/win_rate"]["n"] == 12 and m["greedy/length"]["value"] == 4  # the file's own 4 tokens
+    direct = run_eval(tmp_path, "--policy", str(tiny["baseline"]), "--reward-model", str(tiny["rm"]), "--prompts",
+                      str(tiny["prompts"]), "--max-new-tokens", "4")
+    assert m["greedy/baseline_reward"]["value"] == pytest.approx(direct["greedy/reward"]["value"], abs=1e-6)
+
+    other = write_jsonl(tmp_path / "other_prompts.jsonl", [{"prompt": prompt(i)} for i in range(3)])
+    assert cli.main(["eval", "--policy", str(answers), "--baseline", str(tiny["baseline"]), "--reward-model",
+                     str(tiny["rm"]), "--prompts", str(other)]) == 2
+    assert "answers another prompts file" in capsys.readouterr().err

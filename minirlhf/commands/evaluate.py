@@ -32,10 +32,8 @@ the other side too). Example, the demo's ppo policy against its sft policy:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,7 +41,10 @@ from typing import TYPE_CHECKING
 from minirlhf.commands import CommandError
 from minirlhf.commands.generate import Answer, Prompt
 from minirlhf.commands.loading import add_model_arguments
-from minirlhf.commands.report import Metric, Report, bootstrap_interval, mean_metric
+from minirlhf.commands.measures import (Key, RewardFunction, function_name, load_reward_functions, per_prompt,
+                                        perplexity_documents, perplexity_metric, prompt_value, reward_function_scores,
+                                        reward_model_scores, sequence_logprobs, win_scores)
+from minirlhf.commands.report import Report, mean_metric
 from minirlhf.commands.sampling import Sampling, add_sampling_arguments
 
 if TYPE_CHECKING:
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
 HELP = ("evaluate a policy: reward-model score and win rate over a baseline, reward-function accuracy and "
         "pass@1, perplexity, KL from a reference (JSON report + markdown table)")
 DEFAULTS = Sampling(temperature=1.0, max_new_tokens=256)
-Key = tuple[int, int]  # (prompt_index, sample_index)
-RewardFunction = Callable[..., list]  # or minirlhf.rewards.RewardFunction
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -178,158 +177,6 @@ def side_answers(side: Side, prompts: Sequence[Prompt], settings: EvalSettings, 
 
 
 # --------------------------------------------------------------------------------------------------
-# scores of answers
-
-
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    return (items[i: i + size] for i in range(0, len(items), size))
-
-
-def reward_model_scores(rm: "RewardModel", prompts: dict[int, Prompt], answers: dict[Key, Answer], pad_id: int,
-                        batch_size: int) -> dict[Key, float]:
-    """The reward model's score of each prompt + answer (+ stop token), read at the last token."""
-    import torch
-
-    from minirlhf.data import collate_prompts
-
-    device = rm.head.weight.device
-    keys, scores = list(answers), {}
-    with torch.no_grad():
-        for chunk in _batches(keys, batch_size):
-            batch = collate_prompts([{"input_ids": prompts[i].ids + answers[(i, s)].ids} for i, s in chunk], pad_id)
-            values = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu().tolist()
-            scores.update(zip(chunk, values))
-    return scores
-
-
-def sequence_logprobs(model: "Transformer", prompts: dict[int, Prompt], answers: dict[Key, Answer], pad_id: int,
-                      batch_size: int) -> dict[Key, float]:
-    """log p(answer | prompt) = sum_t log p(y_t | x, y_<t) over the answer's tokens (stop token included)."""
-    import torch
-
-    from minirlhf.data import IGNORE_INDEX, collate_sft
-    from minirlhf.logprobs import label_logprobs
-
-    device = model.embed_tokens.weight.device
-    keys, out = list(answers), {}
-    with torch.no_grad():
-        for chunk in _batches(keys, batch_size):
-            examples = [{"input_ids": prompts[i].ids + answers[(i, s)].ids,
-                         "labels": [IGNORE_INDEX] * len(prompts[i].ids) + answers[(i, s)].ids} for i, s in chunk]
-            batch = {k: v.to(device) for k, v in collate_sft(examples, pad_id).items()}
-            out.update(zip(chunk, label_logprobs(model, batch).sum(-1).float().cpu().tolist()))
-    return out
-
-
-def prompt_value(row: dict):
-    """What a reward function receives as the prompt: the row's prompt (a string or turns) or messages."""
-    for key in ("prompt", "query", "messages", "conversations", "instruction"):
-        if key in row:
-            return row[key]
-    return None
-
-
-def load_reward_functions(specs: Sequence[str]) -> list[RewardFunction]:
-    """'module:fn' / 'file.py:fn' specs (a file path taken from the current directory), loaded as the grpo
-    stage loads them (minirlhf.rewards)."""
-    from minirlhf.rewards import load_reward_function
-
-    return [load_reward_function(spec) for spec in specs]
-
-
-def function_name(fn: RewardFunction) -> str:
-    """The metric name of a reward function: its spec's function part ('minirlhf.rewards:number_match' ->
-    'number_match'), or a plain callable's name."""
-    return str(getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)).rpartition(":")[2]
-
-
-def reward_function_scores(functions: Sequence[RewardFunction], prompts: dict[int, Prompt],
-                           answers: dict[Key, Answer]) -> list[dict[Key, float | None]]:
-    """Each function over every answer at once (rewards.score_completions: the grpo stage's call, with the
-    prompt rows' columns and completion_lengths as fields). One {key: reward or None} per function."""
-    from minirlhf.rewards import score_completions
-
-    keys = list(answers)
-    rows = [prompts[i].row for i, _ in keys]
-    columns = set.intersection(*(set(r) for r in rows)) - {"prompt"} if rows else set()
-    fields = {k: [r[k] for r in rows] for k in sorted(columns)}
-    fields["completion_lengths"] = [answers[k].tokens + (answers[k].finish_reason == "stop") for k in keys]
-    labels = [f"prompt {i} (line {prompts[i].line}), sample {s}" for i, s in keys]
-    scores = score_completions(functions, [prompt_value(r) for r in rows], [answers[k].text for k in keys],
-                               fields, labels)  # [N, F], NaN where a function returned None
-    return [{k: None if math.isnan(v) else v for k, v in zip(keys, column)} for column in scores.T.tolist()]
-
-
-def per_prompt(values: dict[Key, float | None]) -> list[float]:
-    """Mean over each prompt's samples (None skipped); prompts with no value left out. [n_prompts]."""
-    groups: dict[int, list[float]] = defaultdict(list)
-    for (i, _), v in values.items():
-        if v is not None:
-            groups[i].append(v)
-    return [sum(g) / len(g) for _, g in sorted(groups.items())]
-
-
-def win_scores(a: dict[Key, float], b: dict[Key, float]) -> dict[Key, float]:
-    """1 where A's answer scores higher, 1/2 on a tie, 0 where lower."""
-    return {k: 1.0 if a[k] > b[k] else 0.5 if a[k] == b[k] else 0.0 for k in a}
-
-
-# --------------------------------------------------------------------------------------------------
-# perplexity
-
-
-def perplexity_documents(model: "Transformer", tok: "Tokenizer", path: str | Path, batch_size: int
-                         ) -> list[tuple[float, int]]:
-    """(sum of NLL, predicted tokens) of each document of a text or chat file.
-
-    Text (a .txt paragraph or a {"text"} row): [bos] + text + eos, every token after the first predicted;
-    a document longer than the model's positions is cut into consecutive windows. Chat ({"messages"} /
-    {"conversations"} / alpaca rows): the assistant tokens, as sft trains them (data.encode_sft).
-    """
-    import torch
-
-    from minirlhf.config import DataSection
-    from minirlhf.data import DataError, collate_sft, encode_sft, encode_text, load_examples, read_all
-    from minirlhf.logprobs import label_logprobs
-
-    window = model.config.max_position_embeddings
-    section = DataSection(cutoff_len=window)
-    rows, _ = read_all([str(path)])
-    if not rows:
-        raise DataError(f"{path}: no documents in the file")
-
-    def encode(row):
-        if isinstance(row, str) or (isinstance(row, dict) and section.text_field in row):
-            ids = encode_text(row, tok, section, add_bos=True)
-            return [{"input_ids": ids[i: i + window], "labels": ids[i: i + window]}
-                    for i in range(0, max(len(ids) - 1, 1), window)]
-        return [encode_sft(row, tok, section)]
-
-    documents = load_examples([], encode, rows=rows)[0]
-    pieces = [(d, piece) for d, doc in enumerate(documents) for piece in doc]
-    totals = [[0.0, 0] for _ in documents]
-    device = model.embed_tokens.weight.device
-    with torch.no_grad():
-        for chunk in _batches(pieces, batch_size):
-            batch = {k: v.to(device) for k, v in collate_sft([p for _, p in chunk], tok.pad_id).items()}
-            nll = -label_logprobs(model, batch).sum(-1)  # [B]
-            counts = (batch["labels"][:, 1:] != -100).sum(-1)  # [B]
-            for (d, _), value, n in zip(chunk, nll.tolist(), counts.tolist()):
-                totals[d][0] += value
-                totals[d][1] += n
-    return [(s, n) for s, n in totals if n > 0]
-
-
-def perplexity_metric(docs: Sequence[tuple[float, int]], resamples: int, seed: int) -> Metric:
-    """exp(sum NLL / sum tokens), bootstrapped over documents (numerator and denominator together)."""
-    nll, n = [s / max(c, 1) for s, c in docs], [c for _, c in docs]
-    total = sum(s for s, _ in docs) / max(sum(n), 1)
-    low, high = bootstrap_interval(nll, resamples, seed, weights=n, transform=lambda x: math.exp(min(x, 700)))
-    return Metric("perplexity", math.exp(min(total, 700)), low, high, len(docs),
-                  f"token-weighted, {sum(n)} tokens")
-
-
-# --------------------------------------------------------------------------------------------------
 # the evaluation
 
 
@@ -365,7 +212,8 @@ def evaluate(policy: Side, prompts: Sequence[Prompt], settings: EvalSettings, *,
                 report.metrics.append(mean_metric(f"{kind}/win_rate", per_prompt(win_scores(scores, other_scores)),
                                                   B, seed, "P(policy's answer scores above the baseline's), "
                                                            "ties 1/2"))
-        label = "accuracy (mean reward)" if kind == "greedy" else "pass@1 (mean reward over samples)"
+        label = ("mean reward (accuracy for 0/1 rewards)" if kind == "greedy" else
+                 "mean reward over samples (pass@1 for 0/1 rewards)")
         scored = reward_function_scores(reward_functions, by_index, answers) if reward_functions else []
         for fn, scores in zip(reward_functions, scored):
             report.metrics.append(mean_metric(f"{kind}/{function_name(fn)}", per_prompt(scores), B, seed,
