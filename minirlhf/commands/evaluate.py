@@ -58,7 +58,7 @@ DEFAULTS = Sampling(temperature=1.0, max_new_tokens=256)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p, flag="--policy")
+    add_model_arguments(p, flag="--policy", or_file="the answers file of a `minirlhf generate` run")
     p.add_argument("--baseline", metavar="DIR|FILE",
                    help="the policy to compare with (win rate, needs --reward-model): a model directory or a "
                         "`minirlhf generate` output")
@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the greedy answers (only the --samples ones)")
     add_sampling_arguments(p, DEFAULTS)
     p.add_argument("--limit", type=int, metavar="N", help="use the first N prompts only")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per forward (default 16)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="B",
                    help="bootstrap resamples of the 95%% intervals (default 1000; 0 = no intervals)")
 

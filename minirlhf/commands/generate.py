@@ -15,9 +15,10 @@ assistant turn, a reference answer, is left out), rendered through the model's c
 
 Prompts are sorted by length so that each left-padded batch wastes little; a progress bar shows the
 answers done. OUT is resumable: rerun the same command and the rows already there are skipped. An OUT
-that is not a previous run of this command (OUT.meta.json records its arguments) is refused, never
+that is not a previous run of this command (OUT.jsonl.meta.json records its arguments) is refused, never
 overwritten. When done, OUT is in prompt order. Greedy (--temperature 0, the default) answers do not
-depend on the batch; sampled ones are reproducible for the same arguments and --batch-size.
+depend on the batch (up to float rounding); sampled ones are reproducible for the same arguments and
+--batch-size.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p, DEFAULTS)
     p.add_argument("--samples", type=int, default=1, metavar="N", help="answers per prompt (default 1; N > 1 "
                                                                        "needs --temperature > 0)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences generated together (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences generated together (default 16)")
     p.add_argument("--raw", action="store_true", help="continue each 'prompt' as plain text, no chat template")
     p.add_argument("--system", metavar="TEXT", help="system prompt for rows that have none")
     p.add_argument("--answer-field", default="answer", metavar="NAME",

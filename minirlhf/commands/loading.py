@@ -29,11 +29,13 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 FALLBACK_TEMPLATE = "plain"  # for tokenizers without a chat template (gpt2 and other base models)
 
 
-def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model", required: bool = True) -> None:
-    """--model/--adapter/--no-merge/--template/--dtype/--device, as every generating command takes them."""
-    p.add_argument(flag, required=required, metavar="DIR",
+def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model", or_file: str = "") -> None:
+    """--model/--adapter/--no-merge/--template/--dtype/--device, as every generating command takes them.
+    or_file: what else `flag` may name (a file), said in its help."""
+    p.add_argument(flag, required=True, metavar="DIR|FILE" if or_file else "DIR",
                    help="model directory in Hugging Face format (llama, mistral, qwen2, gpt2), e.g. a stage's "
-                        "output_dir; or a LoRA adapter directory whose adapter_config.json names its base")
+                        "output_dir; or a LoRA adapter directory whose adapter_config.json names its base"
+                        + (f"; or {or_file}" if or_file else ""))
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter directory (PEFT layout) to apply on top of "
                                                     f"{flag}")
     p.add_argument("--no-merge", dest="merge", action="store_false",

@@ -40,17 +40,17 @@ class Sampling:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, defaults: Sampling, seed: bool = True) -> None:
-    p.add_argument("--temperature", type=float, default=defaults.temperature,
+    p.add_argument("--temperature", type=float, default=defaults.temperature, metavar="T",
                    help=f"sampling temperature; 0 = greedy (default {defaults.temperature:g})")
-    p.add_argument("--top-p", type=float, default=defaults.top_p,
+    p.add_argument("--top-p", type=float, default=defaults.top_p, metavar="P",
                    help=f"nucleus sampling: keep the most likely tokens up to this probability mass "
                         f"(default {defaults.top_p:g}; 1 = off)")
-    p.add_argument("--top-k", type=int, default=defaults.top_k,
+    p.add_argument("--top-k", type=int, default=defaults.top_k, metavar="K",
                    help=f"keep only the k most likely tokens (default {defaults.top_k}; 0 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, metavar="N",
                    help=f"longest answer, in tokens (default {defaults.max_new_tokens})")
     if seed:
-        p.add_argument("--seed", type=int, default=defaults.seed,
+        p.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
                        help=f"random seed of the sampling (default {defaults.seed})")
 
 
