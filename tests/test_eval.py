@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -47,41 +45,12 @@ def even_rows_only(prompts, completions, row, **fields):
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     tok = tiny_tokenizer(d / "tok")
-    rm = RewardModel.from_pretrained(tiny_model_dir(d / "rm_base", tok, seed=7), seed=3)
-    rm.save_pretrained(d / "rm")
-    tok.save_pretrained(str(d / "rm"))
+    rm = RewardModel.from_pretrained(tiny_model_dir(d / "rm_base", tok, seed=7), seed=3, new_head=True)
+    rm.save_pretrained(d / "rm", tokenizer=tok)
     return {"dir": d, "tok": tok, "policy": tiny_model_dir(d / "policy", tok, seed=1),
             "baseline": tiny_model_dir(d / "baseline", tok, seed=2), "rm": d / "rm",
             "constant": constant_model_dir(d / "constant", tok, stop_logit=-50.0),
             "prompts": write_jsonl(d / "prompts.jsonl", [{"prompt": prompt(i), "row": i} for i in range(12)])}
-
-
-@pytest.fixture
-def rewards(monkeypatch):
-    """minirlhf.rewards (the grpo stage's loader), or, on a branch without it, a stand-in with its
-    interface: load_reward_function('file.py:fn') and score_completions -> [N, F] with NaN for None."""
-    try:
-        import minirlhf.rewards as module
-        return module
-    except ImportError:
-        pass
-    import importlib.util
-
-    def load_reward_function(spec):
-        path, _, name = spec.rpartition(":")
-        module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return getattr(module, name)
-
-    def score_completions(functions, prompts, completions, fields=None, rows=None):
-        columns = [[math.nan if v is None else v for v in fn(prompts=prompts, completions=completions, **fields)]
-                   for fn in functions]
-        return torch.tensor(columns, dtype=torch.float32).T
-
-    stand_in = types.SimpleNamespace(load_reward_function=load_reward_function, score_completions=score_completions)
-    monkeypatch.setitem(sys.modules, "minirlhf.rewards", stand_in)
-    return stand_in
 
 
 def run_eval(tmp: Path, *args: str) -> dict:
@@ -161,9 +130,8 @@ def test_a_reward_model_of_another_vocabulary_or_a_causal_lm_is_refused(tiny, tm
     texts = [prompt(i) + " Something else entirely." for i in range(40)]
     other_tok = train_sentencepiece(texts, str(tmp_path / "other_tok"), vocab_size=320, chat_template="chatml",
                                     num_threads=1)
-    other = RewardModel.from_pretrained(tiny_model_dir(tmp_path / "other_base", other_tok), seed=0)
-    other.save_pretrained(tmp_path / "other_rm")
-    other_tok.save_pretrained(str(tmp_path / "other_rm"))
+    other = RewardModel.from_pretrained(tiny_model_dir(tmp_path / "other_base", other_tok), seed=0, new_head=True)
+    other.save_pretrained(tmp_path / "other_rm", tokenizer=other_tok)
     base = ["eval", "--policy", str(tiny["policy"]), "--prompts", str(tiny["prompts"]), "--max-new-tokens", "2"]
     assert cli.main([*base, "--reward-model", str(tmp_path / "other_rm")]) == 2
     err = capsys.readouterr().err.strip()
@@ -182,7 +150,7 @@ def test_a_reward_model_of_another_vocabulary_or_a_causal_lm_is_refused(tiny, tm
 # reward functions
 
 
-def test_reward_function_accuracy_and_pass_at_1(tiny, tmp_path, rewards):
+def test_reward_function_accuracy_and_pass_at_1(tiny, tmp_path):
     fns = tmp_path / "fns.py"
     fns.write_text(REWARD_FUNCTIONS)
     model = Transformer.from_pretrained(tiny["constant"]).eval()

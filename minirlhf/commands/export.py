@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
 
         model = load_reward_model(source, dtype=getattr(torch, args.dtype) if args.dtype else None)
         tok = load_chat_tokenizer(source, fallback=False)  # written back as it is
-        model.save_pretrained(out)
-        tok.save_pretrained(str(out))
+        model.save_pretrained(out, tokenizer=tok)
     print(f"reward model -> {out} (load it with transformers' AutoModelForSequenceClassification)")
     return 0

@@ -179,15 +179,14 @@ def load_policy(paths: ModelPaths, merge: bool = True, dtype: "torch.dtype | Non
     return model.eval()
 
 
-def _architectures(path: Path) -> list[str]:
-    try:
-        return list(json.loads((path / "config.json").read_text()).get("architectures") or [])
-    except (OSError, json.JSONDecodeError):
-        return []
-
-
 def _refuse_reward_model(path: Path) -> None:
-    if any(a.endswith("ForSequenceClassification") for a in _architectures(path)):
+    from minirlhf.heads import is_reward_model_config
+
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # Transformer.from_pretrained names what is wrong with it
+    if is_reward_model_config(hf):
         raise CommandError(f"{path} is a reward model (a *ForSequenceClassification directory), not a policy "
                            f"that generates text")
 
@@ -195,16 +194,9 @@ def _refuse_reward_model(path: Path) -> None:
 def load_reward_model(path: str | Path, dtype: "torch.dtype | None" = None,
                       device: "torch.device | str" = "cpu") -> "RewardModel":
     """A saved reward model (`*ForSequenceClassification`, e.g. an rm run's output) in eval mode; a causal LM
-    directory is refused (its score head would be random)."""
+    directory is refused by RewardModel.from_pretrained (its score head would be random)."""
     from minirlhf.heads import RewardModel
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CommandError(f"{path} is not a reward model directory: it has no config.json")
-    if not any(a.endswith("ForSequenceClassification") for a in _architectures(path)):
-        raise CommandError(f"{path} is not a reward model: config.json's architectures is "
-                           f"{_architectures(path) or 'empty'}, not a *ForSequenceClassification (train one with "
-                           f"the rm stage, or export a checkpoint with `minirlhf export`)")
     return RewardModel.from_pretrained(path, dtype=dtype, device=device).eval()
 
 
