@@ -537,7 +537,7 @@ class PPOStage(Stage):
     def save_final(self, out_dir: Path) -> None:
         """The policy (HF model or LoRA adapter, with the tokenizer) in out_dir, the critic as a full reward
         model with the tokenizer in out_dir/critic (its adapter merged into a copy)."""
-        save_policy(self.policy, self.tok, out_dir)
+        save_policy(self.policy, self.tok, out_dir, self.cfg.model.path)
         if self.critic is not None:
             critic = self.critic
             if any(True for _ in lora_layers(critic)):

@@ -35,12 +35,13 @@ def neftune_hook(alpha: float):
     return hook
 
 
-def save_policy(model: Transformer, tok: Tokenizer, out_dir: Path) -> None:
-    """A full HF-format model, or the LoRA adapter in PEFT's layout, plus the tokenizer files."""
+def save_policy(model: Transformer, tok: Tokenizer, out_dir: Path, base: str = "") -> None:
+    """A full HF-format model, or the LoRA adapter in PEFT's layout (naming `base`, the directory the
+    run started from, as its base model so that loaders find it), plus the tokenizer files."""
     from minirlhf.lora import has_lora, save_adapter
 
     if has_lora(model):
-        save_adapter(model, out_dir)
+        save_adapter(model, out_dir, base_model_name_or_path=base or None)
     else:
         model.save_pretrained(out_dir)
     tok.save_pretrained(str(out_dir))
@@ -53,7 +54,7 @@ class PolicyStage(Stage):
     tok: Tokenizer
 
     def save_final(self, out_dir: Path) -> None:
-        save_policy(self.model, self.tok, out_dir)
+        save_policy(self.model, self.tok, out_dir, self.cfg.model.path)
 
 
 class LanguageModelingStage(PolicyStage):

@@ -198,3 +198,22 @@ def test_export_a_reward_model_and_an_rm_checkpoint(tiny, tmp_path, capsys):
     assert "is not a reward model" in capsys.readouterr().err
     assert cli.main(["export", "--model", str(run), "--out", str(again)]) == 2
     assert "exists and is not an empty directory" in capsys.readouterr().err
+
+
+def test_a_lora_run_names_its_base_so_its_output_loads_alone(tmp_path, tiny):
+    """An sft run with LoRA writes an adapter whose adapter_config.json names the model it started
+    from, so `minirlhf chat --model <run>` / load_policy find the base without --adapter."""
+    from helpers_tiny import answer, prompt, tiny_config
+
+    from minirlhf import sft
+    from minirlhf.trainer import Trainer
+
+    rows = [{"instruction": prompt(i), "output": answer(i, True)} for i in range(8)]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    cfg = tiny_config("sft", tiny["base"], data, tmp_path / "run", "train.max_steps=1", "lora.enabled=true")
+    Trainer(cfg, sft.build_stage(cfg)).fit()
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tiny["base"])
+    paths = resolve_model_paths(tmp_path / "run")
+    assert paths.base == tiny["base"] and paths.adapter == tmp_path / "run"
+    assert isinstance(load_policy(paths), Transformer)
