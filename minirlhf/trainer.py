@@ -126,9 +126,7 @@ class Stage:
             trainer.backward(loss * weight, metrics)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() * weight
-        metrics = {k: float(v) for k, v in totals.items()}
-        if trainer.dist is not None:  # the weights sum to world_size over all ranks' micro-batches
-            metrics = {k: v / trainer.dist.world_size for k, v in metrics.items()}
+        metrics = {k: float(v) for k, v in totals.items()}  # the trainer's mean over ranks completes the mean
         metrics.update(trainer.optimizer_step())
         return StepResult(metrics, tokens)
 
