@@ -113,12 +113,13 @@ def run(argv: list[str] | None = None) -> dict:
     overrides = list(args.set) + (['train.resume="auto"'] if args.resume else []) + \
         (["train.overwrite=true"] if args.overwrite else [])
     cfg = load_config(args.config, overrides, stage=args.stage)
-    trainer = None
+    finished = False
     try:
-        trainer = build_trainer(cfg, args.device)
-        return trainer.fit()
-    finally:
-        distributed.close(trainer.dist if trainer is not None else None)
+        summary = build_trainer(cfg, args.device).fit()
+        finished = True
+        return summary
+    finally:  # every rank that got here without an error meets the others before the group goes
+        distributed.close(barrier=finished)
 
 
 def main(argv: list[str] | None = None) -> int:

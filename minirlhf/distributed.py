@@ -103,11 +103,16 @@ def init_distributed(cfg: Config) -> DistContext | None:
     return ctx
 
 
-def close(ctx: DistContext | None) -> None:
-    """Tear the process group down once every rank got here (a rank that leaves early while another
-    still has collectives in flight makes gloo abort the process)."""
-    if ctx is not None and dist.is_initialized():
-        dist.barrier()
+def close(ctx: DistContext | None = None, barrier: bool = True) -> None:
+    """Tear the process group down, after every rank got here when `barrier` (a rank that leaves early
+    while another still has collectives in flight makes gloo abort the process).
+
+    Call it on every way out, errors included (then with barrier=False: the other ranks may never get
+    to a barrier): a process that exits with its group still alive can abort in interpreter teardown
+    ("terminate called without an active exception") while gloo's worker threads are destroyed."""
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
