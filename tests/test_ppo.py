@@ -40,7 +40,7 @@ from minirlhf.rollout import Rollout, generate_rollout, response_logprobs, text_
 from minirlhf.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TIME_KEYS = ("time/generate", "time/score", "time/train", "tokens_per_s")
+TIME_KEYS = ("time/generate", "time/score", "time/train", "time/step", "tokens_per_s")
 
 
 @pytest.fixture(scope="module", autouse=True)
