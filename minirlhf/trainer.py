@@ -455,7 +455,7 @@ class Trainer:
         """read() of a checkpoint's files, a damaged file becoming a one-line error."""
         try:
             return read()
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:  # RuntimeError: shapes
             raise TrainingError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
     def _check_fits(self, path: Path, state: dict[str, Any]) -> None:

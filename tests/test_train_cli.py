@@ -105,6 +105,16 @@ def test_resume_with_nothing_to_resume_says_so(tiny, tmp_path, capsys):
                                    f"(no checkpoint under {tmp_path / 'empty' / 'checkpoints'})")
 
 
+def test_a_checkpoint_of_another_stage_is_refused(tiny, tmp_path, capsys):
+    """An sft checkpoint has the same trainable parameters as a full dpo run: the recorded stage tells them
+    apart."""
+    assert run_cli(args_for(tiny, tmp_path / "sft", "train.save_every=1"), capsys)[0] == 0
+    ckpt = tmp_path / "sft" / "checkpoints" / "step-0000002"
+    status, err = run_cli(args_for(tiny, tmp_path / "dpo", f"train.resume={ckpt}", stage="dpo", data="pref"), capsys)
+    assert status == 2 and err == (f"error: TrainingError: {ckpt}: a checkpoint of a sft run cannot resume this dpo "
+                                   f"run (start from that run's exported model: [model] path)")
+
+
 def test_a_second_run_into_a_locked_directory_names_the_holder(tiny, tmp_path, capsys):
     """Another process holds the directory (as a running training would): a second run stops at once."""
     out = tmp_path / "busy"
