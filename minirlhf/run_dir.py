@@ -174,7 +174,7 @@ def _check_contents(out: Path, cfg: Config, is_main: bool) -> None:
     record = read_marker(out)
     unknown = [n for n in present if n not in set(record.get("entries", [])) | REUSABLE]
     if unknown:
-        raise OutputDirError(f"[train] output_dir {out} holds files minirlhf did not write "
+        raise OutputDirError(f"[train] output_dir {out} holds files no minirlhf run recorded as its own "
                              f"({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); choose an "
                              f"empty output_dir")
     if not t.overwrite:

@@ -79,8 +79,8 @@ def test_an_earlier_run_is_kept_unless_overwrite_and_unknown_files_never_deleted
 
     (out / "notes.txt").write_text("mine")
     status, err = run_cli(args_for(tiny, out) + ["--overwrite"], capsys)
-    assert status == 2 and err == (f"error: OutputDirError: [train] output_dir {out} holds files minirlhf did not "
-                                   f"write (notes.txt); choose an empty output_dir")
+    assert status == 2 and err == (f"error: OutputDirError: [train] output_dir {out} holds files no minirlhf run "
+                                   f"recorded as its own (notes.txt); choose an empty output_dir")
     assert (out / "notes.txt").read_text() == "mine"
 
 
