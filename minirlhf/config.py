@@ -12,7 +12,8 @@ A config file has one table per concern and one per stage:
 Every field has a default and a one-line `help` in its metadata; `default_toml()` renders them all as a
 commented TOML file and `iter_fields()` yields rows for documentation tables. Loading is strict: an
 unknown section or key, a value of the wrong TOML type, or a value out of range is a `ConfigError` that
-names the file (or the `--set` argument), the section and the key, and suggests the nearest valid key.
+names the file (or the `--set` argument), the section and the key, and suggests the nearest valid key
+(or ours for another trainer's name, such as transformers' `gradient_accumulation_steps`).
 Relative paths in a file resolve against that file's folder; relative paths in `--set`, and relative
 defaults such as `runs/out`, against the current directory, so a loaded Config holds absolute paths.
 """
