@@ -215,8 +215,9 @@ class DeferredInterrupt:
     The trainer holds it from the moment it starts updating the weights until the step counter, data
     position and RNG state after the step are recorded, so that an interrupt never leaves weights of one
     step with the position of another. A second Ctrl-C while held interrupts at once and marks the state
-    `torn` (the trainer then writes no checkpoint). Only the main thread can take signals; elsewhere
-    (and where SIGINT has no Python handler) holding does nothing.
+    `torn` (the trainer then writes no checkpoint). Only the main thread can take signals, and only
+    Python's default SIGINT handler (Ctrl-C raises KeyboardInterrupt) is replaced; otherwise (SIGINT
+    ignored, as in a background job, or handled by the application) holding does nothing.
     """
 
     def __init__(self):
@@ -234,7 +235,7 @@ class DeferredInterrupt:
         if self._previous is not None or threading.current_thread() is not threading.main_thread():
             return
         previous = signal.getsignal(signal.SIGINT)
-        if previous is None:
+        if previous is not signal.default_int_handler:  # SIGINT ignored, or someone else's handler: theirs
             return
         self._previous = previous
         signal.signal(signal.SIGINT, self._handler)

@@ -403,3 +403,26 @@ def test_a_diverging_run_stops_with_a_clear_error(workspace, tmp_path, seed):
     with pytest.raises(TrainingError, match=r"training diverged at step [4-6]: the last 3 logged losses .* at or past "
                                             r"5\.704"):
         Trainer(cfg, sft.build_stage(cfg)).fit()
+
+
+def test_deferred_interrupt_holds_ctrl_c_until_release_and_leaves_an_ignored_sigint_alone():
+    import os
+    import signal
+
+    from minirlhf.trainer import DeferredInterrupt
+
+    guard = DeferredInterrupt()
+    guard.hold()
+    os.kill(os.getpid(), signal.SIGINT)  # held: nothing raised here
+    with pytest.raises(KeyboardInterrupt):
+        guard.release()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not guard.torn
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job of a shell script
+    try:
+        guard.hold()
+        os.kill(os.getpid(), signal.SIGINT)
+        guard.release()  # ignored before, ignored still: no KeyboardInterrupt
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
