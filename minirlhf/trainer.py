@@ -460,7 +460,10 @@ class Trainer:
             raise TrainingError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
     def _check_fits(self, path: Path, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another stage, or of other trainable parameters (LoRA vs full)."""
+        """Refuse a checkpoint of another format, another stage, or other trainable parameters (LoRA vs full)."""
+        if state.get("format") != STATE_FORMAT:
+            raise TrainingError(f"{path}: checkpoint format {state.get('format')}, this minirlhf reads format "
+                                f"{STATE_FORMAT}")
         if state.get("stage") != self.cfg.stage:
             raise TrainingError(f"{path}: a checkpoint of a {state.get('stage')} run cannot resume this "
                                 f"{self.cfg.stage} run (start from that run's exported model: [model] path)")
