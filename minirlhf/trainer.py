@@ -221,6 +221,7 @@ class DeferredInterrupt:
     """
 
     def __init__(self):
+        self.enabled = False  # the trainer's loop enables it; a stage stepped by hand is left alone
         self.pending = False
         self.torn = False
         self._previous = None
@@ -232,7 +233,7 @@ class DeferredInterrupt:
         self.pending = True
 
     def hold(self) -> None:
-        if self._previous is not None or threading.current_thread() is not threading.main_thread():
+        if not self.enabled or self._previous is not None or threading.current_thread() is not threading.main_thread():
             return
         previous = signal.getsignal(signal.SIGINT)
         if previous is not signal.default_int_handler:  # SIGINT ignored, or someone else's handler: theirs
@@ -634,6 +635,7 @@ class Trainer:
             logger.info("%s: steps %d to %d, %s trainable parameters, writing to %s", self.cfg.stage, self.step + 1,
                         self.total_steps, f"{trainable:,}", self.out)
         self._boundary = self._resumable_state()
+        self.interrupts.enabled = True
         try:
             self.stage.model.train()
             while self.step < self.total_steps:
@@ -671,6 +673,7 @@ class Trainer:
                 self.save_checkpoint(self._boundary)
         finally:
             self.interrupts.release(raise_pending=False)
+            self.interrupts.enabled = False
             bar.close()
             self._metrics_file.close()
             if self._tb is not None:

@@ -412,6 +412,9 @@ def test_deferred_interrupt_holds_ctrl_c_until_release_and_leaves_an_ignored_sig
     from minirlhf.trainer import DeferredInterrupt
 
     guard = DeferredInterrupt()
+    guard.hold()  # not enabled (outside Trainer.fit): nothing changes
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    guard.enabled = True
     guard.hold()
     os.kill(os.getpid(), signal.SIGINT)  # held: nothing raised here
     with pytest.raises(KeyboardInterrupt):
