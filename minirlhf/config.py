@@ -305,6 +305,9 @@ class TrainSection:
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
     precision: str = _f("auto", "auto (bf16 autocast where supported, else fp32) | fp32 | bf16")
     activation_checkpointing: bool = _f(False, "recompute each block's activations in backward")
+    disable_dropout: bool = _f(True, "ppo, dpo, kto: set every dropout ([lora] dropout included) of the policy, "
+                                     "critic and reference to 0, as TRL does (their ratios and log-ratios compare "
+                                     "the model with itself or a reference); pt, sft, rm keep dropout")
     fsdp_cpu_offload: bool = _f(False, "under torchrun: keep FSDP's sharded weights, gradients and optimizer "
                                        "states in host memory (slower, for models that do not fit)")
     fsdp_reshard_after_forward: bool = _f(True, "under torchrun: free each block's gathered weights after its "
@@ -473,8 +476,11 @@ class PPOSection:
     target_kl: float = _f(6.0, "adaptive KL target (nats per sequence)")
     kl_horizon: int = _f(10000, "adaptive KL horizon K_beta (in sequences)")
     kl_estimator: str = _f("k1", "per-token KL estimate: k1 = log p - log q | k3 = (r - 1) - log r (Schulman 2020)")
-    whiten_advantages: bool = _f(True, "normalise advantages to zero mean, unit variance per rollout")
-    reward_norm: bool = _f(False, "normalise scores with running mean/std before the KL penalty")
+    whiten_advantages: bool = _f(True, "estimator gae: normalise advantages to zero mean, unit variance over the "
+                                       "rollout's answer tokens (grpo and rloo are never re-whitened)")
+    reward_norm: str | bool = _f("none", "normalise scores before the KL penalty: none | running (mean/std of "
+                                         "every score so far) | rm (the reward model's training-set mean/std "
+                                         "saved by the rm stage); older configs' true / false mean running / none")
     reward_clip: float = _f(0.0, "clip scores to [-reward_clip, reward_clip]; 0 = off")
     ptx_coef: float = _f(0.0, "weight of the pretraining loss mixed into the policy loss (InstructGPT eq. 2)")
     ptx_files: list[str] = _f([], "pretraining text for ptx_coef > 0 (same formats as pt)", path=True)
@@ -505,6 +511,9 @@ class PPOSection:
         _check(0.0 <= self.lam <= 1.0, s, "lam", "in [0, 1]", self.lam)
         _check(self.target_kl > 0, s, "target_kl", "> 0", self.target_kl)
         _check_choice(s, "kl_estimator", self.kl_estimator, ("k1", "k3"))
+        if isinstance(self.reward_norm, bool):  # configs written before "rm" existed: true = running
+            self.reward_norm = "running" if self.reward_norm else "none"
+        _check_choice(s, "reward_norm", self.reward_norm, ("none", "running", "rm"))
         _check(self.temperature > 0, s, "temperature", "> 0 (rollout log-probs need a proper distribution)",
                self.temperature)
         _check(self.top_k >= 0, s, "top_k", ">= 0", self.top_k)

@@ -231,3 +231,11 @@ def test_train_numbers_must_be_finite_and_new_keys(tmp_path):
                                                                             'train.resume="auto"'])
     cfg = load_config(path, ["train.threads=2", "train.overwrite=true"], "sft")
     assert (cfg.train.threads, cfg.train.overwrite) == (2, True)
+
+
+def test_reward_norm_booleans_of_older_configs_still_load(tmp_path):
+    # [ppo] reward_norm was a boolean before it became none | running | rm; old configs keep working
+    for value, meaning in (("true", "running"), ("false", "none"), ('"rm"', "rm")):
+        cfg = load_config(None, ["model.tokenizer=/tok", 'data.train_files=["/d.jsonl"]',
+                                 "ppo.reward_model=/rm", f"ppo.reward_norm={value}"], stage="ppo")
+        assert cfg.ppo.reward_norm == meaning

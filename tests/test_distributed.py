@@ -170,7 +170,7 @@ def test_parameters_are_sharded_one_per_rank(sft_runs):
 @needs_torchrun
 def test_only_rank0_reads_the_weights(sft_runs):
     """Rank 1 builds the model on the meta device and gets its shards broadcast from rank 0: it reads no
-    byte of the checkpoint (dist_worker counts what checkpoint._read_tensors yields), rank 0 all of it
+    byte of the checkpoint (dist_worker counts what checkpoint.read_tensors yields), rank 0 all of it
     (the fp32 tiny llama, untied: as many bytes as the parameters)."""
     rows = sft_runs["report"]["memory"]
     print(f"\nweight bytes read per rank: {[r['weight_bytes'] for r in rows]}")
