@@ -1,4 +1,4 @@
-"""python train.py --stage STAGE --config cfg.toml [--set section.key=value ...] [--resume]
+"""python train.py --stage STAGE --config cfg.toml [--set section.key=value ...] [--resume | --overwrite]
 
 The same command as `minirlhf train` (minirlhf/commands/train.py), kept so that existing scripts and
 torchrun lines work unchanged.

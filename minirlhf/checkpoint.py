@@ -10,6 +10,7 @@ Name maps: the llama family's HF names are ours with a "model." prefix; GPT-2's 
 from __future__ import annotations
 
 import json
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -416,6 +417,16 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+                     ) -> None:
+    """safetensors' save_file, with the file's permissions set by the umask as open() would (save_file
+    writes through a private temporary file, 0600 whatever the umask)."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB") -> None:
     """config.json plus model.safetensors, or shards and model.safetensors.index.json when larger."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -450,12 +461,12 @@ def write_model_dir(path: str | Path, hf_config: dict, tensors: dict[str, torch.
         old.unlink()
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], path / "model.safetensors", metadata=metadata)
+        save_safetensors(shards[0], path / "model.safetensors", metadata=metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, path / file, metadata=metadata)
+        save_safetensors(shard, path / file, metadata=metadata)
         weight_map.update({name: file for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

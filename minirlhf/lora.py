@@ -45,9 +45,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
-from minirlhf.checkpoint import GPT2_BLOCK_NAMES, GPT2_TOP_NAMES, read_tensors
+from minirlhf.checkpoint import GPT2_BLOCK_NAMES, GPT2_TOP_NAMES, read_tensors, save_safetensors
 from minirlhf.errors import UserError
 from minirlhf.model import Transformer
 
@@ -526,8 +525,8 @@ def save_adapter(model: Transformer, out_dir: str | Path, base_model_name_or_pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, out / ADAPTER_WEIGHTS,
-              metadata={"format": "pt"})
+    save_safetensors({k: v.cpu().contiguous() for k, v in tensors.items()}, out / ADAPTER_WEIGHTS,
+                     metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------------------------------

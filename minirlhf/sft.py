@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from minirlhf.build import apply_lora, build_model, build_tokenizer
 from minirlhf.config import Config
-from minirlhf.data import BatchIterator, build_datasets
+from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
@@ -58,7 +58,7 @@ class PolicyStage(Stage):
 
 
 class LanguageModelingStage(PolicyStage):
-    """pt and sft: mean cross-entropy over the trained labels of each micro-batch."""
+    """pt and sft: mean cross-entropy over the trained labels of a step's micro-batches."""
 
     def __init__(self, cfg: Config, model: Transformer, tok: Tokenizer, train: list[dict], eval: list[dict],
                  collate):
@@ -72,6 +72,15 @@ class LanguageModelingStage(PolicyStage):
     def loss(self, batch):
         loss = causal_lm_loss(self.model, batch)
         return loss, {"loss": loss.detach()}
+
+    def loss_tokens(self, batch) -> int:
+        """The trained labels (positions 1..T-1 not -100): the loss is their mean, and the trainer weights
+        micro-batches by them, so a step is the mean over every trained token of its batch."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def chance_loss(self) -> float:
+        """ln V: the cross-entropy of a uniform guess over the model's vocabulary."""
+        return math.log(self.model.config.vocab_size)
 
     def evaluate(self, trainer) -> dict[str, float]:
         """Token-weighted mean loss over the eval examples, and its perplexity."""

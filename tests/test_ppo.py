@@ -42,7 +42,7 @@ from minirlhf.tokenizer import train_sentencepiece
 from minirlhf.trainer import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
-TIME_KEYS = ("time/generate", "time/score", "time/train", "tokens_per_s")
+TIME_KEYS = ("time/generate", "time/score", "time/train", "time/step", "tokens_per_s")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -38,7 +38,7 @@ def run_stage(stage: str, extra: list[str]) -> float:
     from minirlhf.commands import train
 
     start = time.time()
-    args = ["--stage", stage, "--config", str(CONFIGS / f"{stage}.toml")]
+    args = ["--stage", stage, "--config", str(CONFIGS / f"{stage}.toml"), "--overwrite"]  # a rerun starts afresh
     for item in extra:
         args += ["--set", item]
     if train.main(args) != 0:
