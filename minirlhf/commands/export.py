@@ -38,11 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def export_checkpoint(checkpoint: Path, out: Path) -> None:
     """Rebuild the rm run of `checkpoint` from its config.toml, load the checkpoint, save_final into out."""
-    from minirlhf.commands.train import build_trainer
+    from minirlhf.commands.train import build_stage
     from minirlhf.config import load_config
+    from minirlhf.trainer import Trainer
 
-    if not (checkpoint / "state.pt").is_file():
-        raise CommandError(f"{checkpoint} is not a training checkpoint (no state.pt)")
     config = checkpoint.parent.parent / "config.toml"
     if not config.is_file():
         raise CommandError(f"{checkpoint}: the run's config {config} is missing (a checkpoint lives in "
@@ -51,8 +50,9 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
     if cfg.stage != "rm":
         raise CommandError(f"{checkpoint} is a checkpoint of a {cfg.stage} run; export writes reward models (rm "
                            f"runs). A LoRA policy merges with `minirlhf merge`.")
-    trainer = build_trainer(cfg, "cpu")
-    trainer.load_checkpoint(checkpoint)
+    # the run is rebuilt, not claimed: its output directory is only read
+    trainer = Trainer(cfg, build_stage(cfg, "cpu"), "cpu")
+    trainer.load_checkpoint(checkpoint)  # a folder that is not a checkpoint is a one-line TrainingError
     trainer.stage.save_final(out)
 
 

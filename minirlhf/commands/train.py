@@ -81,17 +81,31 @@ def resolve_device(name: str | None):
     return device
 
 
-def build_trainer(cfg, device_name: str | None = None):
-    """The stage of cfg and its Trainer; under torchrun the stage is sharded first (FSDP2).
-
-    Before anything is built: the output directory is checked and locked (run_dir.claim_output_dir),
-    torch's thread count set ([train] threads), and every RNG seeded with [train] seed, so that what
-    the stage draws while it is built (LoRA's initialisation, a fresh model) is the same in every run."""
+def build_stage(cfg, device, ctx=None):
+    """The stage of cfg, built after torch's thread count is set ([train] threads) and every RNG seeded
+    with [train] seed, so that what the stage draws while it is built (LoRA's initialisation, a fresh
+    model) is the same in every run; under torchrun (ctx) sharded with FSDP2."""
     import torch
 
     from minirlhf import distributed
+    from minirlhf.trainer import seed_everything
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    rank = {"rank": ctx.rank} if ctx is not None and cfg.stage in RANK0_LOADING else {}
+    stage = importlib.import_module(STAGE_MODULES[cfg.stage]).build_stage(cfg, device, **rank)
+    if ctx is not None:
+        distributed.prepare_stage(stage, ctx)
+    return stage
+
+
+def build_trainer(cfg, device_name: str | None = None):
+    """The stage of cfg and its Trainer; under torchrun the stage is sharded first (FSDP2). The output
+    directory is checked and locked (run_dir.claim_output_dir) before anything is built."""
+    from minirlhf import distributed
     from minirlhf.run_dir import claim_output_dir
-    from minirlhf.trainer import Trainer, seed_everything
+    from minirlhf.trainer import Trainer
 
     ctx = distributed.init_distributed(cfg)
     device = ctx.device if ctx is not None else resolve_device(device_name)
@@ -99,14 +113,7 @@ def build_trainer(cfg, device_name: str | None = None):
     try:
         if ctx is not None:
             ctx.barrier()  # rank 0 has cleared (--overwrite) and locked the directory
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        seed_everything(cfg.train.seed)
-        rank = {"rank": ctx.rank} if ctx is not None and cfg.stage in RANK0_LOADING else {}
-        stage = importlib.import_module(STAGE_MODULES[cfg.stage]).build_stage(cfg, device, **rank)
-        if ctx is not None:
-            distributed.prepare_stage(stage, ctx)
-        return Trainer(cfg, stage, device, dist=ctx, run_dir=run_dir)
+        return Trainer(cfg, build_stage(cfg, device, ctx), device, dist=ctx, run_dir=run_dir)
     except BaseException:
         run_dir.release()
         raise
