@@ -449,6 +449,8 @@ class KTOSection:
     beta: float = _f(0.1, "inverse temperature of the implicit reward (Ethayarajh et al. 2024, eq. 8)")
     desirable_weight: float = _f(1.0, "lambda_D, weight of desirable examples")
     undesirable_weight: float = _f(1.0, "lambda_U, weight of undesirable examples")
+    balanced_batches: bool = _f(True, "every micro-batch holds desirable and undesirable examples in the data's "
+                                      "proportion (as the KTO authors' loader); false = plain shuffle (as TRL)")
     ref_model: str = _f("", "reference model directory; empty = the starting model ([model] path)", path=True)
 
     def validate(self) -> None:

@@ -672,6 +672,33 @@ def split_rows(rows: Sequence[Any], fraction: float, seed: int) -> tuple[list[An
     return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
 
 
+def drop_identical_pairs(examples: list[dict]) -> tuple[list[dict], int]:
+    """Preference examples without those whose chosen and rejected tokens are identical (after truncation):
+    such a pair states no preference, and its loss is a constant with zero gradient (log 2 for dpo's
+    sigmoid loss and the reward model's), so it only dilutes the batch. Returns (kept, how many dropped)."""
+    kept = [e for e in examples if e["chosen_input_ids"] != e["rejected_input_ids"]]
+    return kept, len(examples) - len(kept)
+
+
+def _check_eval_data(data: DataSection, eval_rows: int, eval_examples: int, train_rows: int,
+                     eval_every: int) -> None:
+    """Eval that was asked for ([data] eval_split > 0 or eval_files) must give examples: a DataError
+    otherwise; eval_every without any eval data gets one warning line."""
+    if eval_examples:
+        return
+    if data.eval_files:
+        raise DataError(f"{', '.join(data.eval_files)}: no usable evaluation examples in [data] eval_files "
+                        f"({eval_rows} rows read)")
+    if data.eval_split > 0:
+        held = (f"holds out no row of the {train_rows} training row(s)" if eval_rows == 0 else
+                f"holds out {eval_rows} row(s), none of them usable")
+        raise DataError(f"[data] eval_split = {data.eval_split:g} {held}; raise it, give eval_files, or set "
+                        f"eval_split = 0 to train without evaluation")
+    if eval_every:
+        logger.warning("[train] eval_every = %d, but there is no eval data ([data] eval_split = 0 and no "
+                       "eval_files): nothing will be evaluated", eval_every)
+
+
 @dataclass
 class Datasets:
     """Tokenized train and eval examples of a stage, the bad rows skipped, and the stage's collator."""
@@ -699,7 +726,7 @@ def build_datasets(cfg: Config, tok: Any) -> Datasets:
         skipped += eval_skipped
     else:
         rows, eval_rows = split_rows(rows, data.eval_split, data.seed)
-    parts = []
+    parts, ties = [], []
     for part in (rows, eval_rows):
         examples, bad = load_examples((), encode, data.skip_bad_rows, data.num_workers, rows=part)
         skipped += bad
@@ -707,11 +734,19 @@ def build_datasets(cfg: Config, tok: Any) -> Datasets:
             examples = pack_documents(examples, data.block_size)
         elif stage == "sft" and cfg.sft.packing:
             examples = pack_examples(examples, data.block_size)
+        elif stage in ("rm", "dpo"):
+            examples, tied = drop_identical_pairs(examples)
+            ties.append(tied)
         parts.append(examples)
     if skipped:
         logger.warning("skipped %d malformed rows; first: %s", len(skipped), skipped[0])
+    if sum(ties):
+        logger.warning("skipped %d preference rows (train %d, eval %d) whose chosen and rejected answers are "
+                       "identical after tokenization and truncation to [data] cutoff_len = %d: they state no "
+                       "preference and give no gradient", sum(ties), ties[0], ties[1], data.cutoff_len)
     if not parts[0]:
         raise DataError(f"{', '.join(data.train_files)}: no training examples")
+    _check_eval_data(data, len(eval_rows), len(parts[1]), len(rows), cfg.train.eval_every)
     return Datasets(parts[0], parts[1], skipped, collator(stage, tok.pad_id))
 
 
@@ -772,13 +807,43 @@ class ResumableSampler:
         self._order = self._epoch_order(self.epoch)
 
 
+class StratifiedSampler(ResumableSampler):
+    """A ResumableSampler whose every batch holds each class in its share of the whole data (+-1 example).
+
+    The epoch's permutation (seed + epoch, as above) sets the order within each class; the classes are then
+    merged by relative position, the k-th of the n members of a class going to (k + 0.5) / n, so members of
+    every class are spread evenly over the epoch. strata: [N] the class of each example (any hashable).
+    """
+
+    def __init__(self, strata: Sequence[Any], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False):
+        self.strata = list(strata)
+        self.sizes: dict[Any, int] = {}
+        for c in self.strata:
+            self.sizes[c] = self.sizes.get(c, 0) + 1
+        super().__init__(len(self.strata), batch_size, seed, shuffle, drop_last)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        seen: dict[Any, int] = {}
+        keyed = []
+        for i in super()._epoch_order(epoch):
+            c = self.strata[i]
+            seen[c] = seen.get(c, 0) + 1
+            keyed.append(((seen[c] - 0.5) / self.sizes[c], i))
+        return [i for _, i in sorted(keyed)]
+
+
 class BatchIterator:
-    """Collated batches of `examples` in the order of a ResumableSampler; checkpoint its state_dict."""
+    """Collated batches of `examples` in the order of a ResumableSampler (a StratifiedSampler when `strata`
+    gives each example's class); checkpoint its state_dict."""
 
     def __init__(self, examples: Sequence[dict], batch_size: int, collate: Callable[[Sequence[dict]], Any],
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = False):
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, strata: Sequence[Any] | None = None):
         self.examples, self.collate = examples, collate
-        self.sampler = ResumableSampler(len(examples), batch_size, seed, shuffle, drop_last)
+        if strata is None:
+            self.sampler = ResumableSampler(len(examples), batch_size, seed, shuffle, drop_last)
+        else:
+            self.sampler = StratifiedSampler(strata, batch_size, seed, shuffle, drop_last)
         self.rank, self.world_size = 0, 1
 
     def shard(self, rank: int, world_size: int) -> None:

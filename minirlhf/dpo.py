@@ -10,8 +10,11 @@
              reference model
 
 Log-probs are sums over the answer tokens (labels != -100) of log pi(y_t | x, y_<t); chosen and rejected
-run as one [2B, T] forward. Implicit rewards: beta * (log pi - log ref) for sigmoid/hinge/ipo (averaged
-log-probs for ipo), beta * (average log pi) for simpo and orpo, which have no reference.
+run as one [2B, T] forward. Implicit rewards: beta * (log pi - log ref) on the summed log-probs for
+sigmoid/hinge/ipo (for ipo too, although its loss takes averages: TRL's DPOTrainer does the same), and
+beta * (average log pi) for simpo and orpo, which have no reference. Metrics carry TRL's names:
+rewards/chosen, rewards/rejected, rewards/accuracies (mean of [reward_chosen > reward_rejected]),
+rewards/margins (mean of reward_chosen - reward_rejected), logps/chosen, logps/rejected (summed log-probs).
 
 The reference (sigmoid, hinge, ipo), with `Reference` below:
   - [dpo] ref_model set: that model, frozen;
@@ -38,7 +41,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer, disable_dropout, load_model
@@ -51,7 +55,7 @@ from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.sft import PolicyStage
-from minirlhf.trainer import autocast_for
+from minirlhf.trainer import autocast_for, fsync_files
 
 logger = logging.getLogger(__name__)
 
@@ -160,12 +164,41 @@ def data_fingerprint(examples: Sequence[dict], keys: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _checksum(logps: torch.Tensor) -> str:
+    return hashlib.blake2b(logps.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def read_cached_logps(path: Path, rows: int) -> torch.Tensor | None:
+    """The [rows, 2] float32 log-probs cached in `path`, or None (with a warning) when the file cannot be used:
+    unreadable, truncated, another layout, or bytes that no longer match the checksum written with them.
+
+    A safetensors file: a JSON header and raw bytes, read without unpickling anything.
+    """
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, names = f.metadata() or {}, list(f.keys())
+            logps = f.get_tensor("logps") if names == ["logps"] else None
+    except (OSError, SafetensorError) as e:
+        problem = f"unreadable ({e})"
+    else:
+        if logps is None or logps.dtype != torch.float32 or tuple(logps.shape) != (rows, 2):
+            shown = "no 'logps' tensor" if logps is None else f"{logps.dtype} {tuple(logps.shape)}"
+            problem = f"holds {shown}, expected float32 ({rows}, 2)"
+        elif meta.get("blake2b") != _checksum(logps):
+            problem = "its bytes do not match their checksum"
+        else:
+            return logps
+    logger.warning("%s: reference log-prob cache %s; recomputing it", path, problem)
+    return None
+
+
 def precompute_reference(reference: Reference, examples: Sequence[dict], collate, batch_size: int,
                          device: torch.device | str, autocast, cache_dir: Path, tag: str) -> torch.Tensor:
     """Summed reference log-probs of every pair: [N, 2] (chosen, rejected), from the cache when present.
 
     The cache file is cache_dir / f"{tag}-{key}.safetensors", key = hash(tokenized pairs, reference
-    weights, precision); it is written atomically (temporary file, then rename).
+    weights, precision), with a checksum of its tensor in the metadata; it is written atomically (temporary
+    file, fsync, rename), and one that cannot be used (`read_cached_logps`) is recomputed and replaced.
     """
     keys = [f"{s}_{k}" for s in SIDES for k in ("input_ids", "labels")]
     precision = str(getattr(autocast, "fast_dtype", "none"))
@@ -173,8 +206,8 @@ def precompute_reference(reference: Reference, examples: Sequence[dict], collate
                           digest_size=12).hexdigest()
     path = cache_dir / f"{tag}-{key}.safetensors"
     if path.exists():
-        logps = load_file(path)["logps"]
-        if logps.shape == (len(examples), 2):
+        logps = read_cached_logps(path, len(examples))
+        if logps is not None:
             logger.info("reference log-probs of %d %s pairs read from %s", len(examples), tag, path)
             return logps
     start = time.perf_counter()
@@ -184,10 +217,11 @@ def precompute_reference(reference: Reference, examples: Sequence[dict], collate
         with autocast:
             sums, _ = reference.run(pair_logps, batch)
         out.append(sums.view(2, -1).t().float().cpu())  # [b, 2]
-    logps = torch.cat(out) if out else torch.zeros(0, 2)
+    logps = (torch.cat(out) if out else torch.zeros(0, 2)).contiguous()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"logps": logps.contiguous()}, tmp)
+    save_file({"logps": logps}, tmp, metadata={"blake2b": _checksum(logps)})
+    fsync_files([tmp])
     os.replace(tmp, path)
     logger.info("reference log-probs of %d %s pairs computed in %.1fs with %s, cached in %s", len(examples), tag,
                 time.perf_counter() - start, reference.source, path)
@@ -253,21 +287,23 @@ class PreferenceStage(PolicyStage):
                 losses = orpo_loss(avg[:B], avg[B:], -avg[:B], beta=d.beta)
             chosen_rewards, rejected_rewards = d.beta * avg[:B].detach(), d.beta * avg[B:].detach()
         else:
-            ref_c, ref_r = self.reference_logps(batch)
-            policy = sums
-            if self.loss_type == "ipo":
-                ref_c, ref_r = ref_c / counts[:B].clamp(min=1), ref_r / counts[B:].clamp(min=1)
-                policy = avg
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy[:B], policy[B:], ref_c.to(policy.dtype), ref_r.to(policy.dtype), beta=d.beta,
-                loss_type=self.loss_type, label_smoothing=d.label_smoothing)
+            ref_c, ref_r = (r.to(sums.dtype) for r in self.reference_logps(batch))
+            if self.loss_type == "ipo":  # averaged over each answer's tokens (TRL's convention)
+                losses, _, _ = dpo_loss(avg[:B], avg[B:], ref_c / counts[:B].clamp(min=1),
+                                        ref_r / counts[B:].clamp(min=1), beta=d.beta, loss_type="ipo")
+                chosen_rewards, rejected_rewards = d.beta * (sums[:B] - ref_c), d.beta * (sums[B:] - ref_r)
+            else:
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    sums[:B], sums[B:], ref_c, ref_r, beta=d.beta, loss_type=self.loss_type,
+                    label_smoothing=d.label_smoothing)
+            chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
         loss = losses.mean()
         metrics = {
             "loss": loss.detach(),
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
             "logps/chosen": sums[:B].detach().mean(),
             "logps/rejected": sums[B:].detach().mean(),
         }

@@ -9,7 +9,10 @@ Each example (x, y) has a label; with r = log pi(y|x) - log ref(y|x) and the ref
 z0 estimates KL(pi || ref) from mismatched pairs of the same micro-batch (paper, sec. 4.1): data.collate_kto
 pairs prompt i with the completion of example (i + 1) mod B, so for B >= 2 no pair stays matched, and
 
-    z0 = max(0, mean_i [log pi(y_{i+1} | x_i) - log ref(y_{i+1} | x_i)]),   detached.
+    z0 = max(0, mean_i [log pi(y_{i+1} | x_i) - log ref(y_{i+1} | x_i)]),   detached,
+
+the mean taken over the pairs of every rank under torchrun (`reference_point`), as TRL's KTOTrainer
+gathers it across processes, so that all ranks use one z0.
 
 With B = 1 the "mismatched" pair is the example itself, so z0 = max(0, r) of that example: the reference
 point then follows the example instead of estimating the KL (a desirable answer with r > 0 sits at
@@ -18,10 +21,17 @@ and when the data size leaves a last micro-batch of one example the sampler drop
 (the dropped examples change every epoch).
 
 The paper recommends lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] (sec. 4.2, "data imbalance");
-build_stage warns outside that range and says which desirable_weight would bring it back.
+build_stage warns outside that range and says which desirable_weight would bring it back. With
+[kto] balanced_batches (default) every micro-batch holds the two classes in the data's proportion
+(data.StratifiedSampler), as the KTO authors' loader interleaves them; TRL shuffles plainly, and then a
+micro-batch's class count, and with it the weighted pull on what all answers share, varies from step to step.
 
 The reference is the policy with its adapters disabled under LoRA, else a frozen copy of the starting
 model (or [kto] ref_model); it runs live, because the KL pairs change with the shuffled batches.
+
+Metrics carry TRL's names: `kl` (z0, after the clamp), `rewards/chosen` and `logps/chosen` (means over the
+desirable examples; rewards = beta * r), `rewards/rejected` and `logps/rejected` (undesirable),
+`rewards/margins` (chosen minus rejected), and `kl_estimate`, the mismatched-pair mean before the clamp.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import torch
 from minirlhf.build import apply_lora, build_model, build_tokenizer, disable_dropout
 from minirlhf.config import Config
 from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
+from minirlhf.distributed import gather_cat
 from minirlhf.dpo import Reference, build_reference, sequence_logps
 from minirlhf.losses import kto_loss
 from minirlhf.model import Transformer
@@ -44,7 +55,7 @@ from minirlhf.trainer import StepResult
 
 logger = logging.getLogger(__name__)
 
-CLASSES = ("desirable", "undesirable")
+CLASSES = {"chosen": True, "rejected": False}  # TRL's metric name of each class -> its label
 RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)
 
 
@@ -72,6 +83,19 @@ def check_class_balance(n_desirable: int, n_undesirable: int, desirable_weight: 
             f"would bring it back")
 
 
+def reference_point(kl_policy: torch.Tensor, kl_ref: torch.Tensor, gather=gather_cat) -> torch.Tensor:
+    """The estimate behind z0, before the clamp: the mean of log pi(y'|x) - log ref(y'|x) over the mismatched
+    pairs of this micro-batch on every rank. kl_policy, kl_ref: [B] -> scalar, detached.
+
+    `gather` concatenates a [2] tensor of each rank in rank order (distributed.gather_cat: the tensor itself
+    in a plain process); sums and counts are pooled, so ranks with unequal micro-batches weigh by pairs.
+    """
+    diff = (kl_policy - kl_ref).detach().float()
+    stats = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), device=diff.device)])  # [2]
+    total, count = gather(stats).view(-1, 2).sum(0)
+    return total / count
+
+
 def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
@@ -86,21 +110,25 @@ def stacked(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tens
 class KTOStage(PolicyStage):
     """One KTO step: policy log-probs with gradient, KL-pair log-probs and the reference without."""
 
+    gather = staticmethod(gather_cat)  # the collective behind reference_point (tests put a fake one here)
+
     def __init__(self, cfg: Config, model: Transformer, tok: Tokenizer, train: list[dict], eval: list[dict],
                  collate, reference: Reference):
         self.cfg, self.model, self.tok, self.collate, self.reference = cfg, model, tok, collate, reference
         self.eval_examples = eval
         size = cfg.train.micro_batch_size
         drop_last = size > 1 and len(train) % size == 1 and len(train) > size
+        strata = [e["desirable"] for e in train] if cfg.kto.balanced_batches else None
         self.batches = BatchIterator(train, size, collate, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
-                                     drop_last=drop_last)
+                                     drop_last=drop_last, strata=strata)
 
     def frozen_modules(self) -> list[Transformer]:
         """The reference's frozen model (none when the reference is the policy with adapters off)."""
         return self.reference.frozen_modules()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Everything the loss needs: policy [B] (with gradient), ref [B], and kl, the detached z0 input."""
+        """Everything the loss needs: policy [B] (with gradient), ref [B], and kl, the detached estimate
+        behind z0 (before the clamp, over every rank's pairs)."""
         B = batch["input_ids"].shape[0]
         policy, _ = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         with torch.no_grad():
@@ -108,8 +136,7 @@ class KTOStage(PolicyStage):
                                           batch["kl_labels"])
         both = stacked(batch, self.tok.pad_id)
         ref, _ = self.reference.run(sequence_logps, both["input_ids"], both["attention_mask"], both["labels"])
-        kl = (kl_policy - ref[B:]).mean()  # clamped at 0 (and detached) inside kto_loss
-        return {"policy": policy, "ref": ref[:B], "kl": kl}
+        return {"policy": policy, "ref": ref[:B], "kl": reference_point(kl_policy, ref[B:], self.gather)}
 
     def loss(self, batch):
         k = self.cfg.kto
@@ -117,17 +144,17 @@ class KTOStage(PolicyStage):
         losses = kto_loss(out["policy"], out["ref"], batch["desirable"], out["kl"], beta=k.beta,
                           desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
         loss = losses.mean()
-        return loss, {"loss": loss.detach(), "kl": out["kl"].detach(),
+        return loss, {"loss": loss.detach(), "kl": out["kl"].clamp(min=0), "kl_estimate": out["kl"],
                       **self._class_sums(out, batch["desirable"])}
 
     def _class_sums(self, out: dict[str, torch.Tensor], desirable: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-class sums and counts ("_sum/..", "_count/.."); `class_means` turns them into means after
-        averaging over micro-batches, so a micro-batch without one class does not bias its mean."""
+        """Per-class sums and counts, under "_"-keys that `class_means` replaces by means once the micro-batches
+        (and ranks) are summed up, so that a micro-batch holding few or none of a class does not bias its mean."""
         rewards = self.cfg.kto.beta * (out["policy"] - out["ref"]).detach()
         logps = out["policy"].detach()
         sums = {}
-        for name, rows in zip(CLASSES, (desirable.bool(), ~desirable.bool())):
-            m = rows.to(rewards.dtype)
+        for name, label in CLASSES.items():
+            m = (desirable.bool() == label).to(rewards.dtype)
             sums[f"_count/{name}"] = m.sum()
             sums[f"_sum/rewards/{name}"] = (rewards * m).sum()
             sums[f"_sum/logps/{name}"] = (logps * m).sum()
@@ -135,20 +162,26 @@ class KTOStage(PolicyStage):
 
     @staticmethod
     def class_means(metrics: dict[str, float]) -> dict[str, float]:
-        """Replace the per-class sums and counts by means (classes that did not occur are left out)."""
+        """Replace the per-class sums and counts by means (a class that did not occur is left out)."""
         out = {k: v for k, v in metrics.items() if not k.startswith("_")}
         for name in CLASSES:
             n = metrics.get(f"_count/{name}", 0.0)
             if n > 0:
                 for what in ("rewards", "logps"):
                     out[f"{what}/{name}"] = metrics[f"_sum/{what}/{name}"] / n
-        if "rewards/desirable" in out and "rewards/undesirable" in out:
-            out["rewards/margin"] = out["rewards/desirable"] - out["rewards/undesirable"]
+        if "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return out
 
     def train_step(self, trainer) -> StepResult:
+        """The default step; then class means from the sums of all its micro-batches and, under torchrun, of
+        all ranks (mean_metrics scales sums and counts alike), so every rank logs the same keys and values."""
         result = super().train_step(trainer)
-        return StepResult(self.class_means(result.metrics), result.tokens)
+        metrics = result.metrics
+        if trainer.dist is not None:
+            sums = trainer.dist.mean_metrics({k: v for k, v in metrics.items() if k.startswith("_")})
+            metrics = {**metrics, **sums}
+        return StepResult(self.class_means(metrics), result.tokens)
 
     def eval_chunks(self) -> list[Sequence[dict]]:
         """Eval micro-batches in order; a last chunk of one example joins the one before it (a batch of
@@ -160,7 +193,8 @@ class KTOStage(PolicyStage):
         return [self.eval_examples[a:b] for a, b in itertools.pairwise(bounds)]
 
     def evaluate(self, trainer) -> dict[str, float]:
-        """Example-weighted loss and kl, and per-class means over the eval examples."""
+        """Example-weighted loss and kl, and per-class means over the eval examples (every rank evaluates
+        them all, so the gathers inside `loss` pair up)."""
         if not self.eval_examples:
             return {}
         totals: dict[str, float] = {}

@@ -216,11 +216,17 @@ def dpo_loss(
       ipo:     (h - 1 / (2 * beta))^2               (IPO, Azar et al. 2023, eq. 17, tau = beta)
     Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); the implicit rewards
     beta * (log pi - log ref) are detached.
+    label_smoothing is defined for sigmoid only: neither SLiC-HF's hinge nor IPO has a label-noise term
+    (TRL 1.16 uses label_smoothing in its robust, exo_pair and aot losses, never in hinge or ipo), so a
+    nonzero value with those is refused rather than ignored.
     """
     if beta <= 0:
         raise ValueError(f"losses.dpo_loss: beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"losses.dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing > 0 and loss_type != "sigmoid":
+        raise ValueError(f"losses.dpo_loss: label_smoothing is defined for loss_type 'sigmoid' only, got "
+                         f"{label_smoothing} with {loss_type!r}")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     h = chosen_logratios - rejected_logratios
@@ -248,7 +254,13 @@ def simpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, beta: float
 
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x < 0, accurate over the whole range (Maechler 2012, "Accurately computing
-    log(1 - exp(-|a|))"): log(-expm1(x)) for x > -ln 2, log1p(-exp(x)) below."""
+    log(1 - exp(-|a|))"): log(-expm1(x)) for x > -ln 2, log1p(-exp(x)) below.
+
+    x = 0 exactly (log(0) = -inf) is read as the negative number closest to 0 that is not subnormal,
+    -finfo.tiny: the result is log(tiny) (-87.3 in float32, -708.4 in float64), finite, with zero gradient
+    there. Every x < 0 is computed as is, however close to 0.
+    """
+    x = torch.where(x == 0, torch.full_like(x, -torch.finfo(x.dtype).tiny), x)
     switch = x > -math.log(2.0)
     # Each branch is evaluated on a value that is safe for it, so neither produces inf/NaN gradients.
     near_zero = torch.where(switch, x, torch.full_like(x, -1.0))
@@ -261,13 +273,11 @@ def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, chosen_nll: 
 
     log odds(p) = p - log(1 - e^p)    for p = average log-prob of a response
     L = nll(y_w) - beta * log sigmoid(log odds(p_w) - log odds(p_l))   (Hong et al. 2024, section 3, eqs. 6-7)
-    chosen_avg_logps, rejected_avg_logps, chosen_nll: [B]. Returns [B]. The average log-probs are clamped
-    to at most -eps (eps = the dtype's machine epsilon) so that log odds stays finite as p -> 0.
+    chosen_avg_logps, rejected_avg_logps, chosen_nll: [B]. Returns [B]. log(1 - e^p) goes through
+    `log1mexp`, exact for every p < 0 (p = -1e-8 included) and finite at p = 0.
     """
-    eps = torch.finfo(chosen_avg_logps.dtype).eps
 
     def log_odds(p: Tensor) -> Tensor:
-        p = p.clamp(max=-eps)
         return p - log1mexp(p)
 
     ratio = log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps)

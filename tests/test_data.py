@@ -20,9 +20,9 @@ import pytest
 
 from minirlhf.config import DataSection, load_config
 from minirlhf.data import (
-    IGNORE_INDEX, BatchIterator, DataError, ResumableSampler, build_datasets, collate_kto, collate_preference,
-    collate_prompts, collate_sft, encode_kto, encode_preference, encode_prompt, encode_sft, encode_text,
-    load_examples, pack_documents, pack_examples, read_all, split_rows,
+    IGNORE_INDEX, BatchIterator, DataError, ResumableSampler, StratifiedSampler, build_datasets, collate_kto,
+    collate_preference, collate_prompts, collate_sft, encode_kto, encode_preference, encode_prompt, encode_sft,
+    encode_text, load_examples, pack_documents, pack_examples, read_all, split_rows,
 )
 
 BOS, EOT = 1, 2
@@ -319,6 +319,35 @@ def test_shuffling_is_deterministic_and_resumable():
     assert next(it)["input_ids"][:, 0].tolist() == first[0]
 
 
+def test_stratified_batches_hold_each_class_in_its_share():
+    # 40 examples, 10 of class True (a quarter), batches of 8: every batch holds 2 of them (8 / 4), each
+    # epoch is a permutation, epochs differ, and a resumed sampler continues with the same batches
+    strata = [i % 4 == 1 for i in range(40)]
+    a = StratifiedSampler(strata, 8, seed=5)
+    batches = [next(a) for _ in range(15)]  # three epochs of five
+    assert [sum(strata[i] for i in b) for b in batches] == [2] * 15
+    for e in range(3):
+        assert sorted(i for b in batches[5 * e: 5 * e + 5] for i in b) == list(range(40))
+    assert batches[:5] != batches[5:10]
+    r = StratifiedSampler(strata, 8, seed=5)
+    [next(r) for _ in range(7)]
+    resumed = StratifiedSampler(strata, 8, seed=5)
+    resumed.load_state_dict(r.state_dict())
+    assert [next(resumed) for _ in range(8)] == batches[7:]
+    # uneven shares: 3 classes of 7, 11, 22 in batches of 10 -> within one of 1.75, 2.75, 5.5 in every batch
+    three = [0] * 7 + [1] * 11 + [2] * 22
+    s = StratifiedSampler(three, 10, seed=1)
+    for _ in range(8):
+        counts = [sum(three[i] == c for i in next(s)) for c in range(3)]
+        assert all(abs(n - share) < 1 + 1e-9 for n, share in zip(counts, (1.75, 2.75, 5.5))), counts
+    # through BatchIterator; without strata a plain shuffle (whose batches vary: 0 to 4 here)
+    it = BatchIterator([{"input_ids": [i], "labels": [i]} for i in range(40)], 8, lambda exs: collate_sft(exs, 0),
+                       seed=5, strata=strata)
+    assert next(it)["input_ids"][:, 0].tolist() == batches[0]
+    plain = ResumableSampler(40, 8, seed=5)
+    assert len({sum(strata[i] for i in next(plain)) for _ in range(15)}) > 1
+
+
 def test_eval_split_deterministic_and_disjoint():
     rows = list(range(20))
     train, held = split_rows(rows, 0.25, seed=3)
@@ -352,6 +381,58 @@ def test_build_datasets_from_config(tmp_path):
     # stream [BOS a b c | EOT BOS d e | EOT]: the 1-token remainder has nothing to predict and is dropped
     assert [b["input_ids"] for b in pt.train] == [[BOS, *t("abc")], [EOT, BOS, *t("de")]]
     assert pt.train[1]["document_ids"] == [0, 1, 1, 1] and pt.train[1]["labels"] == [X, X, *t("de")]
+
+
+def _config(tmp_path, stage, rows, *sets):
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    return load_config(None, ["model.path=\"m\"", f"data.train_files=['{tmp_path / 'train.jsonl'}']", *sets], stage)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_preference_rows_with_identical_answers_are_skipped_with_a_count(tmp_path, caplog, stage):
+    # Regression: a pair whose chosen equals rejected trained on as if it meant something (a constant loss,
+    # log 2, and zero gradient). Rows 1 and 3 are such ties: row 3 only once truncated to cutoff_len (its
+    # answers differ after the 10th character), row 5 differs in its last character and is kept.
+    rows = [{"prompt": "p0", "chosen": "good", "rejected": "bad"},
+            {"prompt": "p1", "chosen": "same", "rejected": "same"},
+            {"prompt": "p2", "chosen": "yes", "rejected": "no"},
+            {"prompt": "p3", "chosen": "0123456789-long", "rejected": "0123456789-other"},
+            {"prompt": "p4", "chosen": "a", "rejected": "b"},
+            {"prompt": "p5", "chosen": "0123456789a", "rejected": "0123456789b"}]
+    # BOS + user turn (1 + 2 + 1) + assistant role = 6 prompt tokens; cutoff 17 leaves 11 answer tokens:
+    # ten characters and the next one ("-" in both answers of row 3), no end of turn
+    cfg = _config(tmp_path, stage, rows, "data.cutoff_len=17")
+    with caplog.at_level("WARNING", logger="minirlhf.data"):
+        ds = build_datasets(cfg, TOK)
+    assert sorted(TOK.decode(e["chosen_input_ids"])[:2] for e in ds.train) == ["p0", "p2", "p4", "p5"]
+    assert [r.getMessage() for r in caplog.records if "identical" in r.getMessage()] == [
+        "skipped 2 preference rows (train 2, eval 0) whose chosen and rejected answers are identical after "
+        "tokenization and truncation to [data] cutoff_len = 17: they state no preference and give no gradient"]
+
+
+def test_eval_split_that_holds_out_nothing_is_an_error(tmp_path, caplog):
+    # Regression: eval_split > 0 on a single row held out round(0.3 * 1) = 0 rows, and the run trained
+    # without evaluating and without a word.
+    one = [{"instruction": "q", "output": "a"}]
+    with pytest.raises(DataError, match=r"\[data\] eval_split = 0.3 holds out no row of the 1 training row"):
+        build_datasets(_config(tmp_path, "sft", one, "data.eval_split=0.3"), TOK)
+    # rows held out but none usable: both eval pairs are ties
+    ties = [{"prompt": f"p{i}", "chosen": "x" if i < 4 else "s", "rejected": "y" if i < 4 else "s"}
+            for i in range(6)]
+    held = split_rows(list(range(6)), 0.34, seed=42)[1]
+    ties = [dict(r, chosen="s", rejected="s") if i in held else r for i, r in enumerate(ties)]
+    with pytest.raises(DataError, match=r"eval_split = 0.34 holds out 2 row\(s\), none of them usable"):
+        build_datasets(_config(tmp_path, "dpo", ties, "data.eval_split=0.34"), TOK)
+    # eval_files whose rows are all skipped as malformed
+    bad = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "no output"}])
+    with pytest.raises(DataError, match=r"eval\.jsonl: no usable evaluation examples in \[data\] eval_files"):
+        build_datasets(_config(tmp_path, "sft", one * 3, f"data.eval_files=['{bad}']", "data.skip_bad_rows=true"),
+                       TOK)
+    # no eval asked for, but eval_every set: one warning line, the run goes on
+    with caplog.at_level("WARNING", logger="minirlhf.data"):
+        ds = build_datasets(_config(tmp_path, "sft", one * 3, "train.eval_every=5"), TOK)
+    assert len(ds.train) == 3 and ds.eval == []
+    assert any("eval_every = 5, but there is no eval data" in r.getMessage() for r in caplog.records)
 
 
 # ----------------------------------------------------------------------------- with the real tokenizer

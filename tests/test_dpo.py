@@ -74,10 +74,15 @@ def test_loss_equals_losses_py_on_float64_logps(tiny, loss_type):
     torch.testing.assert_close(loss.double(), expected.mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(metrics["logps/chosen"].double(), pc.mean(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(metrics["logps/rejected"].double(), pr.mean(), rtol=1e-5, atol=1e-4)
-    if loss_type in ("sigmoid", "hinge"):
-        margin = 0.5 * ((pc - rc) - (pr - rr))
-        torch.testing.assert_close(metrics["rewards/margin"].double(), margin.mean(), rtol=1e-4, atol=1e-5)
-        assert float(metrics["rewards/accuracy"]) == float((margin > 0).double().mean())
+    if loss_type in ("sigmoid", "hinge", "ipo"):
+        # TRL's DPOTrainer: rewards = beta * summed log-ratio (ipo included, though its loss averages),
+        # accuracies = mean[chosen reward > rejected reward], margins = mean(chosen - rejected)
+        chosen, rejected = 0.5 * (pc - rc), 0.5 * (pr - rr)
+        torch.testing.assert_close(metrics["rewards/chosen"].double(), chosen.mean(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(metrics["rewards/rejected"].double(), rejected.mean(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(metrics["rewards/margins"].double(), (chosen - rejected).mean(), rtol=1e-4,
+                                   atol=1e-5)
+        assert float(metrics["rewards/accuracies"]) == float((chosen > rejected).double().mean())
 
 
 def test_precomputed_reference_equals_live_and_the_start_model(tiny, caplog):
@@ -108,6 +113,42 @@ def test_precomputed_reference_equals_live_and_the_start_model(tiny, caplog):
     assert len(list(cache.iterdir())) == 3
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-9])
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40  # still a valid file, one float changed: only the checksum notices
+    path.write_bytes(bytes(data))
+
+
+def _other_layout(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"logps": torch.zeros(3, 2, dtype=torch.float64)}, path)
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_last_byte, _other_layout, _empty])
+def test_damaged_reference_cache_is_recomputed(tiny, caplog, damage):
+    # Regression: a truncated cache file (a kill between write and rename of an older version, a full disk)
+    # made build_stage crash in safetensors instead of recomputing the log-probs.
+    out = f"cache-{damage.__name__}"
+    first, _ = make_stage(tiny, out)
+    expected = first.collate(first.batches.examples)["ref_chosen_logps"]
+    cached = next((tiny["dir"] / out / "reference_logps").glob("train-*.safetensors"))
+    damage(cached)
+    with caplog.at_level(logging.WARNING, logger="minirlhf.dpo"):
+        again, _ = make_stage(tiny, out)
+    assert any("recomputing" in r.getMessage() and str(cached) in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(again.collate(again.batches.examples)["ref_chosen_logps"], expected)
+    assert dpo.read_cached_logps(cached, len(expected)) is not None  # replaced by a good file
+
+
 @pytest.mark.parametrize("reference", ["live", "precompute"])
 def test_lora_reference_is_the_base_model(tiny, reference):
     stage, _ = make_stage(tiny, f"lora-{reference}", "lora.enabled=true", "lora.r=4", f'dpo.reference="{reference}"',
@@ -132,8 +173,8 @@ def test_steps_raise_held_out_accuracy_and_margin(tiny, loss_type):
     for _ in range(8):
         stage.train_step(trainer)
     after = stage.evaluate(trainer)
-    assert after["rewards/margin"] > before["rewards/margin"] + 0.02, (before, after)
-    assert after["rewards/accuracy"] >= 5 / 6 and after["rewards/margin"] > 0
+    assert after["rewards/margins"] > before["rewards/margins"] + 0.02, (before, after)
+    assert after["rewards/accuracies"] >= 5 / 6 and after["rewards/margins"] > 0
 
 
 def test_train_py_end_to_end(tiny):
@@ -165,8 +206,11 @@ beta = 1.0
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert train_rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference: -log sigmoid(0)
-    assert train_rows[-1]["rewards/margin"] > 0
-    assert any("eval/rewards/accuracy" in r for r in rows)
+    assert train_rows[-1]["rewards/margins"] > 0
+    trl_names = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"}
+    assert trl_names <= set(train_rows[-1])
+    assert any({f"eval/{k}" for k in trl_names} <= set(r) for r in rows)
     trained = Transformer.from_pretrained(out)
     start = Transformer.from_pretrained(tiny["model"])
     assert not torch.equal(trained.layers[0].mlp.up_proj.weight, start.layers[0].mlp.up_proj.weight)

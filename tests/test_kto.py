@@ -1,9 +1,15 @@
 """minirlhf.kto: the step against losses.kto_loss on float64 log-probs with mismatched pairs built
 here from the prompt/completion parts, the pairing itself (batch sizes 1 to 4), the class-balance
-warning, per-class metrics under accumulation, learning, and LoRA's reference = the base model.
+warning, per-class metrics under accumulation and across ranks (TRL's names), the reference point
+pooled over ranks (a fake second rank, and torchrun on gloo), learning, and LoRA's reference = the
+base model.
 """
 
 import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,7 +83,8 @@ def test_loss_equals_kto_loss_on_float64_logps(tiny):
                                undesirable_weight=0.9).mean()
     assert not torch.allclose(policy, ref, atol=1e-3)  # the policy moved
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(metrics["kl"].double(), kl, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(metrics["kl_estimate"].double(), kl, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(metrics["kl"].double(), kl.clamp(min=0), rtol=1e-4, atol=1e-4)  # TRL's kl: z0
 
 
 @pytest.mark.parametrize("B", [1, 2, 3, 4])
@@ -106,6 +113,20 @@ def test_batch_of_one_warns_and_no_trailing_batch_of_one(tiny, caplog):
     assert [len(c) for c in stage.eval_chunks()] == [3, 4]
 
 
+def test_micro_batches_hold_the_classes_in_the_data_proportion(tiny):
+    # Regression (the demo's KL of 10 to 18 from sft): with a plain shuffle a micro-batch of 16 from data with
+    # a quarter desirable holds anywhere from 0 to 9 of them, and the weighted loss's pull on the end-of-turn
+    # token that every answer shares swings with that count; Adam followed it down (-9 nats per answer).
+    # Batches now interleave the classes as the KTO authors' loader does: 16 rows, 4 desirable, batches of
+    # 4 -> exactly 1 each, every epoch; `balanced_batches = false` restores the plain shuffle.
+    skewed = write_jsonl(tiny["dir"] / "quarter.jsonl", kto_rows(16, desirable_every=4))
+    stage, _ = make_stage(tiny, "balanced", "kto.desirable_weight=3.0", "data.shuffle=true", train=skewed)
+    assert [int(next(stage.batches)["desirable"].sum()) for _ in range(12)] == [1] * 12
+    plain, _ = make_stage(tiny, "plain", "kto.desirable_weight=3.0", "data.shuffle=true",
+                          "kto.balanced_batches=false", train=skewed)
+    assert {int(next(plain.batches)["desirable"].sum()) for _ in range(12)} != {1}
+
+
 def test_class_balance_warning(tiny, caplog):
     assert kto.check_class_balance(5, 4, 1.0, 1.0) is None  # 1.25
     assert kto.check_class_balance(4, 3, 1.0, 1.0) is None  # 4/3 exactly
@@ -124,10 +145,62 @@ def test_class_balance_warning(tiny, caplog):
 def test_class_means_over_accumulated_micro_batches():
     # two micro-batches averaged by the trainer (grad_accum = 2): desirable rewards 1.0 (1 row) and
     # 2.0, 4.0 (2 rows) -> sums 1 and 6, counts 1 and 2 -> averaged 3.5 / 1.5 = 7/3 = mean of (1, 2, 4)
-    averaged = {"loss": 0.5, "_count/desirable": 1.5, "_sum/rewards/desirable": 3.5, "_sum/logps/desirable": -6.0,
-                "_count/undesirable": 0.0, "_sum/rewards/undesirable": 0.0, "_sum/logps/undesirable": 0.0}
+    averaged = {"loss": 0.5, "_count/chosen": 1.5, "_sum/rewards/chosen": 3.5, "_sum/logps/chosen": -6.0,
+                "_count/rejected": 0.0, "_sum/rewards/rejected": 0.0, "_sum/logps/rejected": 0.0}
     out = kto.KTOStage.class_means(averaged)
-    assert out == {"loss": 0.5, "rewards/desirable": pytest.approx(7 / 3), "logps/desirable": pytest.approx(-4.0)}
+    assert out == {"loss": 0.5, "rewards/chosen": pytest.approx(7 / 3), "logps/chosen": pytest.approx(-4.0)}
+
+
+class OtherRank:
+    """A stand-in for two ranks: gather_cat concatenates this rank's tensor with the other rank's, and
+    DistContext.mean_metrics averages this rank's values with the other rank's (same keys required, as
+    all_reduce of one tensor per key list requires)."""
+
+    def __init__(self, gathered: torch.Tensor | None = None, metrics: dict[str, float] | None = None):
+        self.gathered, self.metrics = gathered, metrics or {}
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.gathered.to(x)])
+
+    def mean_metrics(self, mine: dict[str, float]) -> dict[str, float]:
+        other = {k: self.metrics.get(k, v) for k, v in mine.items()}  # keys this fake does not know: as mine
+        assert set(other) == set(mine)
+        return {k: (mine[k] + other[k]) / 2 for k in mine}
+
+
+def test_reference_point_is_the_mean_over_every_ranks_pairs(tiny):
+    # Regression: z0 was this rank's own mean. Rank 0: 4 pairs with policy - ref summing to S; rank 1 (fake):
+    # 4 pairs summing to 8.0 -> z0 = (S + 8) / 8, which then enters the loss (kto_loss on the pooled value).
+    stage, _ = make_stage(tiny, "gather", "kto.beta=0.5", "train.lr=1e-2", steps=2)
+    batch = stage.collate(stage.batches.examples[:4])
+    own = stage.forward(batch)["kl"]  # a plain process: its own pairs
+    other = OtherRank(gathered=torch.tensor([8.0, 4.0]))
+    stage.gather = other.gather
+    out = stage.forward(batch)
+    pooled = (own * 4 + 8.0) / 8
+    torch.testing.assert_close(out["kl"], pooled)
+    loss, metrics = stage.loss(batch)
+    expected = losses.kto_loss(out["policy"], out["ref"], batch["desirable"], pooled, beta=0.5).mean()
+    torch.testing.assert_close(loss, expected)
+    assert float(metrics["kl"]) == pytest.approx(max(0.0, float(pooled)), abs=1e-6)
+    # unequal micro-batches pool pairs: [3 pairs summing to 3] + [1 pair of 5] -> 8 / 4 = 2, not (1 + 5) / 2
+    two = OtherRank(gathered=torch.tensor([5.0, 1.0]))
+    assert float(kto.reference_point(torch.ones(3), torch.zeros(3), two.gather)) == pytest.approx(2.0)
+
+
+def test_class_means_pool_the_ranks_so_every_rank_logs_the_same_keys(tiny):
+    # Regression: a rank whose step held no desirable example left rewards/chosen out of its metrics, while
+    # the trainer's mean_metrics all-reduces one value per key of every rank (mismatched keys: a crash).
+    # Rank 0 here trains on undesirable rows only; the other rank's step had 2 desirable rows whose rewards
+    # sum to 0.4 -> pooled sums (0 + 0.4) / 2 and counts (0 + 2) / 2 -> rewards/chosen = 0.2 on both ranks.
+    bad_only = write_jsonl(tiny["dir"] / "bad_only.jsonl", kto_rows(8, desirable_every=100)[1:])
+    stage, trainer = make_stage(tiny, "ranks", train=bad_only)
+    trainer.dist = OtherRank(metrics={"_count/chosen": 2.0, "_sum/rewards/chosen": 0.4,
+                                      "_sum/logps/chosen": -12.0})
+    metrics = stage.train_step(trainer).metrics
+    assert metrics["rewards/chosen"] == pytest.approx(0.2) and metrics["logps/chosen"] == pytest.approx(-6.0)
+    assert {"rewards/rejected", "logps/rejected", "rewards/margins", "kl", "kl_estimate"} <= set(metrics)
+    assert not any(k.startswith("_") for k in metrics)
 
 
 def test_steps_raise_held_out_margin(tiny):
@@ -135,10 +208,12 @@ def test_steps_raise_held_out_margin(tiny):
     before = stage.evaluate(trainer)
     for _ in range(8):
         result = stage.train_step(trainer)
-    assert {"rewards/desirable", "rewards/undesirable", "kl", "loss"} <= set(result.metrics)
+    # TRL's KTOTrainer names (chosen = desirable, rejected = undesirable)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl",
+            "loss"} <= set(result.metrics)
     after = stage.evaluate(trainer)
-    assert before["rewards/margin"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
-    assert after["rewards/margin"] > 1.0 and after["loss"] < before["loss"], (before, after)
+    assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
+    assert after["rewards/margins"] > 1.0 and after["loss"] < before["loss"], (before, after)
 
 
 def test_lora_reference_is_the_base_model(tiny):
@@ -149,3 +224,88 @@ def test_lora_reference_is_the_base_model(tiny):
     ref, _ = logps64(base, batch["input_ids"], batch["attention_mask"], batch["labels"])
     torch.testing.assert_close(out["ref"].double(), ref, rtol=1e-5, atol=1e-4)
     assert (out["policy"].double() - ref).abs().max() > 1e-2
+
+
+GATHER_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from minirlhf import kto
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+policy = torch.tensor([1.0, 2.0, 3.0]) if rank == 0 else torch.tensor([10.0])  # unequal micro-batches
+z0 = kto.reference_point(policy, torch.zeros_like(policy))
+print(f"rank {rank}: {float(z0)!r}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_reference_point_under_torchrun_on_two_ranks(tmp_path):
+    # gloo, 2 CPU ranks: rank 0's pairs give 1, 2, 3 and rank 1's pair 10 -> both ranks use (1+2+3+10)/4 = 4
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(root)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == ["rank 0: 4.0",
+                                                                                            "rank 1: 4.0"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the demo's kto, from a short demo sft (the same pt and sft runs as tests/test_demo_pipeline.py)
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+
+
+def demo_sft(root: Path) -> dict[str, Path]:
+    """Demo data, tokenizer, and a short pt (120 steps) -> sft (150 steps), as test_demo_pipeline builds them."""
+    import train
+    from minirlhf.demo.data import generate_demo_data, tokenizer_corpus
+    from minirlhf.tokenizer import train_sentencepiece
+
+    data = generate_demo_data(root / "data", sizes={"pt": 1500, "sft": 2000})
+    train_sentencepiece(tokenizer_corpus(), str(root / "tok"), vocab_size=1024)
+    for stage, start, steps in (("pt", None, 120), ("sft", root / "pt", 150)):
+        sets = [f'data.train_files=["{data[stage]}"]', f"train.output_dir={root / stage}",
+                f"train.max_steps={steps}", "train.eval_every=0"]
+        sets.append(f"model.tokenizer={root / 'tok'}" if start is None else f"model.path={start}")
+        assert train.main(["--stage", stage, "--config", str(DEMO / f"{stage}.toml"),
+                           *[a for s in sets for a in ("--set", s)]]) == 0
+    return {**data, "tok": root / "tok", "sft": root / "sft"}
+
+
+def demo_kto(demo: dict[str, Path], out: Path, seed: int, threads: int, *sets: str):
+    """configs/demo/kto.toml from demo["sft"] under `seed` and `threads`: the policy's report against sft."""
+    import train
+    from minirlhf.demo.evaluate import evaluate_dir
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sets = (f"model.path={demo['sft']}", f'data.train_files=["{demo["kto"]}"]', f"train.output_dir={out}",
+                f"train.seed={seed}", f"data.seed={seed}", *sets)
+        assert train.main(["--stage", "kto", "--config", str(DEMO / "kto.toml"),
+                           *[a for s in sets for a in ("--set", s)]]) == 0
+        return evaluate_dir(out, demo["tok"], demo["eval"], limit=100, ref_dir=demo["sft"])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_demo_kto_stays_near_the_sft_policy(tmp_path):
+    # Regression: with beta = 0.1 and lr 1e-4 the demo's kto pushed the end-of-turn token after a second
+    # sentence from p = 0.999 to 0.01-0.12 and then rambled: KL from sft 10.5, 5.0, 2.6 from the demo's sft (seeds
+    # 0-2; threads 2 gave the same losses to 1e-6), and 2.8, 29.3, 12.7 from the short sft built here. The demo
+    # config now (beta 1, lr 5e-5, balanced batches), from this short sft: KL 0.15, 0.24, 0.20 (seeds 0-2,
+    # threads 1; threads 2 gave the same, e.g. 0.235 for seed 1). The bound 1.0 is 4x the largest of those and
+    # below every old value.
+    demo = demo_sft(tmp_path)
+    for seed in (0, 1):
+        report = demo_kto(demo, tmp_path / f"kto-{seed}", seed, threads=1)
+        assert report.kl_from_ref < 1.0, (seed, report.kl_from_ref)

@@ -179,7 +179,7 @@ def test_dpo_variants_match_formula_on_random_inputs(loss_type):
     # Float64 references written straight from the papers (naive forms are exact at these magnitudes).
     g = torch.Generator().manual_seed(4)
     pc, pr, rc, rr = (torch.randn(16, dtype=f64, generator=g) * 3 - 20 for _ in range(4))
-    beta, ls = 0.3, 0.1
+    beta, ls = 0.3, 0.1 if loss_type == "sigmoid" else 0.0  # label smoothing is refused for hinge and ipo
     h = (pc - rc) - (pr - rr)
     if loss_type == "sigmoid":
         sig = lambda x: 1 / (1 + torch.exp(-x))  # noqa: E731
@@ -215,6 +215,16 @@ def test_dpo_extreme_log_probs_and_bad_args():
         L.dpo_loss(pc, pr, ref, ref, loss_type="kto")
     with pytest.raises(ValueError, match="beta"):
         L.dpo_loss(pc, pr, ref, ref, beta=0.0)
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
+def test_dpo_label_smoothing_refused_where_undefined(loss_type):
+    # SLiC's hinge and IPO define no label-noise term (nor does TRL 1.16 for them): a nonzero value used to
+    # be ignored without a word; 0 still works.
+    pc, pr, rc, rr = _dpo_inputs()
+    with pytest.raises(ValueError, match="label_smoothing.*sigmoid"):
+        L.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type=loss_type, label_smoothing=0.1)
+    assert torch.isfinite(L.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type=loss_type, label_smoothing=0.0)[0]).all()
 
 
 def test_simpo_hand_value_and_extremes():
@@ -256,8 +266,10 @@ def test_orpo_matches_float64_reference_in_float32_near_zero():
 
 
 def test_orpo_extremes_finite_with_correct_limits():
-    # p_w = 0 (clamped to -eps), p_l = -1e3: log odds(p_w) ~ 16, log odds(p_l) = -1e3 -> loss -> nll.
-    # p_w = -1e3, p_l = 0: ratio ~ -1016 -> loss = nll + beta * 1016 (log sigmoid(x) ~ x for x << 0).
+    # p = 0 exactly is read as p = -tiny (the smallest normal magnitude): log odds(-tiny) = -ln(tiny) + O(tiny)
+    # (87.3 in float32, 708.4 in float64). p_w = 0, p_l = -1e3: log odds(p_l) = -1e3 -> loss -> nll.
+    # p_w = -1e3, p_l = 0: ratio = -1e3 + ln(tiny) -> loss = nll + beta * (1e3 - ln tiny)
+    # (log sigmoid(x) ~ x for x << 0).
     for dtype in (torch.float32, f64):
         c = torch.tensor([0.0, -1e3, -1e-30], dtype=dtype, requires_grad=True)
         r = torch.tensor([-1e3, 0.0, -1e3], dtype=dtype, requires_grad=True)
@@ -265,10 +277,28 @@ def test_orpo_extremes_finite_with_correct_limits():
         out = L.orpo_loss(c, r, nll, beta=0.1)
         out.sum().backward()
         assert_finite(out, c.grad, r.grad)
-        eps = torch.finfo(dtype).eps
-        big = -math.log(eps) + 1e3  # log odds(-eps) - log odds(-1e3) ~ -ln(eps) + 1000
+        big = -math.log(torch.finfo(dtype).tiny) + 1e3
         assert out[0].item() == pytest.approx(1.0, abs=1e-6)
-        assert out[1].item() == pytest.approx(1.0 + 0.1 * big, rel=1e-4)
+        assert out[1].item() == pytest.approx(1.0 + 0.1 * big, rel=1e-5)
+        # at the guard only the p term of log odds = p - log(1 - e^p) carries gradient: d/dp_l of
+        # -beta log sigmoid(lo_w - lo_l) = beta sigmoid(lo_l - lo_w) = beta (to 1e-400)
+        assert r.grad[1].item() == pytest.approx(0.1, rel=1e-6)
+
+
+def test_orpo_exact_for_average_log_probs_next_to_zero():
+    # Regression: p was clamped to -eps (1.2e-7 in float32), which moved the loss of a pair whose rejected
+    # answer has p = -1e-8 by 0.25 (first pair: 1.7190 instead of 1.9668). Reference: float64 math.expm1,
+    # exact for these p (log(1 - e^p) = log(-expm1(p)) has no cancellation).
+    def log_odds(p):
+        return p - math.log(-math.expm1(p))
+
+    chosen, rejected, beta = [-1.5, -0.7, -2.0, -1e-9], [-1e-8, -1e-12, -3e-8, -1e-30], 0.1
+    ref = [-beta * -math.log1p(math.exp(-(log_odds(c) - log_odds(r)))) for c, r in zip(chosen, rejected)]
+    for dtype in (torch.float32, f64):
+        out = L.orpo_loss(torch.tensor(chosen, dtype=dtype), torch.tensor(rejected, dtype=dtype),
+                          torch.zeros(4, dtype=dtype), beta=beta)
+        torch.testing.assert_close(out.to(f64), torch.tensor(ref, dtype=f64), rtol=1e-5, atol=0)
+    assert ref[0] == pytest.approx(1.9668, abs=1e-4)
 
 
 def test_orpo_gradcheck():
@@ -288,6 +318,23 @@ def test_log1mexp_both_branches_against_float64():
     ref = torch.tensor([float(mpmath.log(1 - mpmath.exp(mpmath.mpf(v)))) for v in xs], dtype=f64)
     torch.testing.assert_close(L.log1mexp(torch.tensor(xs, dtype=f64)), ref, rtol=1e-14, atol=1e-300)
     torch.testing.assert_close(L.log1mexp(torch.tensor(xs)).to(f64), ref, rtol=1e-6, atol=1e-30)
+
+
+def test_log1mexp_exact_next_to_zero_and_finite_at_zero():
+    # log(1 - e^x) = log(-expm1(x)) ~ log(-x) for tiny x; mpmath as above.
+    import mpmath
+
+    mpmath.mp.dps = 50
+    xs = [-1e-8, -1e-20, -1e-300]
+    ref = torch.tensor([float(mpmath.log(-mpmath.expm1(mpmath.mpf(v)))) for v in xs], dtype=f64)
+    torch.testing.assert_close(L.log1mexp(torch.tensor(xs, dtype=f64)), ref, rtol=1e-14, atol=0)
+    torch.testing.assert_close(L.log1mexp(torch.tensor(xs[:2])).to(f64), ref[:2], rtol=1e-6, atol=0)
+    for dtype in (torch.float32, f64):
+        x = torch.tensor([0.0, -1e-3], dtype=dtype, requires_grad=True)
+        y = L.log1mexp(x)
+        y.sum().backward()
+        assert y[0].item() == pytest.approx(math.log(torch.finfo(dtype).tiny), rel=1e-6)
+        assert_finite(y, x.grad)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def combined_curves(stages: list[str]) -> Path | None:
     except ImportError:
         return None
     wanted = {"pt": ["loss", "eval/loss"], "sft": ["loss", "eval/loss"], "rm": ["loss", "eval/accuracy"],
-              "dpo": ["loss", "rewards/margin"], "kto": ["loss", "rewards/margin"], "ppo": ["score/mean", "kl"]}
+              "dpo": ["loss", "rewards/margins"], "kto": ["loss", "rewards/margins"], "ppo": ["score/mean", "kl"]}
     fig, axes = plt.subplots(len(stages), 2, figsize=(9, 2.3 * len(stages)), squeeze=False)
     for row, stage in zip(axes, stages):
         path = OUT / stage / "metrics.jsonl"
