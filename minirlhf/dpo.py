@@ -28,6 +28,7 @@ reference model is not held in memory while training. "live" recomputes them eve
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -42,10 +43,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer, disable_dropout, load_model
+from minirlhf.checkpoint import save_safetensors
 from minirlhf.config import Config, ConfigError
 from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
 from minirlhf.distributed import reshard
@@ -53,8 +54,8 @@ from minirlhf.logprobs import label_logprobs
 from minirlhf.lora import disable_adapters, has_lora
 from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
-from minirlhf.tokenizer import Tokenizer
 from minirlhf.sft import PolicyStage
+from minirlhf.tokenizer import Tokenizer
 from minirlhf.trainer import autocast_for, fsync_files
 
 logger = logging.getLogger(__name__)
@@ -218,13 +219,21 @@ def precompute_reference(reference: Reference, examples: Sequence[dict], collate
             sums, _ = reference.run(pair_logps, batch)
         out.append(sums.view(2, -1).t().float().cpu())  # [b, 2]
     logps = (torch.cat(out) if out else torch.zeros(0, 2)).contiguous()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    took = time.perf_counter() - start
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"logps": logps}, tmp, metadata={"blake2b": _checksum(logps)})
-    fsync_files([tmp])
-    os.replace(tmp, path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        save_safetensors({"logps": logps}, tmp, metadata={"blake2b": _checksum(logps)})
+        fsync_files([tmp])
+        os.replace(tmp, path)
+    except OSError as e:  # the cache only saves time: a run whose output_dir cannot hold it goes on without
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        logger.warning("reference log-probs of %d %s pairs computed in %.1fs but not cached (%s: %s)",
+                       len(examples), tag, took, cache_dir, e.strerror or e)
+        return logps
     logger.info("reference log-probs of %d %s pairs computed in %.1fs with %s, cached in %s", len(examples), tag,
-                time.perf_counter() - start, reference.source, path)
+                took, reference.source, path)
     return logps
 
 

@@ -149,6 +149,27 @@ def test_damaged_reference_cache_is_recomputed(tiny, caplog, damage):
     assert dpo.read_cached_logps(cached, len(expected)) is not None  # replaced by a good file
 
 
+def test_reference_cache_follows_the_umask_and_is_optional(tiny, caplog):
+    """The cache is written with the usual permissions (safetensors alone writes 0600), and a cache folder
+    that cannot be written costs a warning, not the run (the log-probs are kept in memory)."""
+    import os
+    import stat
+
+    first, _ = make_stage(tiny, "cache-mode")
+    cached = next((tiny["dir"] / "cache-mode" / "reference_logps").glob("train-*.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o666 & ~umask
+    blocked = tiny["dir"] / "cache-blocked"
+    blocked.mkdir()
+    (blocked / "reference_logps").write_text("a file where the cache folder would go")
+    with caplog.at_level(logging.WARNING, logger="minirlhf.dpo"):
+        again, _ = make_stage(tiny, "cache-blocked")
+    assert any("not cached" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(again.collate(again.batches.examples)["ref_chosen_logps"],
+                               first.collate(first.batches.examples)["ref_chosen_logps"])
+
+
 @pytest.mark.parametrize("reference", ["live", "precompute"])
 def test_lora_reference_is_the_base_model(tiny, reference):
     stage, _ = make_stage(tiny, f"lora-{reference}", "lora.enabled=true", "lora.r=4", f'dpo.reference="{reference}"',
