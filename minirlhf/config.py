@@ -327,8 +327,6 @@ class TrainSection:
 
     def validate(self) -> None:
         s = self.section
-        for key in ("lr", "min_lr_ratio", "weight_decay", "adam_eps", "max_grad_norm"):
-            _check(math.isfinite(getattr(self, key)), s, key, "a finite number", getattr(self, key))
         _check(self.lr > 0, s, "lr", "> 0", self.lr)
         _check(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
         _check(self.weight_decay >= 0, s, "weight_decay", ">= 0", self.weight_decay)
@@ -747,6 +745,10 @@ def _set_field(obj: Any, section: str, key: str, value: Any, tp: Any, source: st
     except TypeError as e:
         raise ConfigError(f"{source}: [{section}] {key} must be {e}, got {_toml_type(value)} "
                           f"{_toml_value(value)}", section, key) from None
+    numbers = value if isinstance(value, list) else [value]
+    if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):  # TOML reads inf and nan
+        finite = "finite numbers" if isinstance(value, list) else "a finite number"
+        raise ConfigError(f"[{section}] {key} must be {finite}, got {_toml_value(value)} ({source})", section, key)
     meta = {f.name: f.metadata for f in dataclasses.fields(obj)}[key]
     if meta.get("path") and base is not None:
         value = _resolve_field(value, base, meta["path"])

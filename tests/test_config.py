@@ -220,12 +220,19 @@ def test_every_ecosystem_pointer_names_a_real_key():
             f"docs/config.md's table of other trainers' names lacks {name}"
 
 
-def test_train_numbers_must_be_finite_and_new_keys(tmp_path):
+def test_numbers_must_be_finite_and_new_keys(tmp_path):
     path = write(tmp_path, BASE)
+    # every float key of every section refuses TOML's inf and nan, before any range check
     assert error_of(path, ["train.lr=inf"]) == "[train] lr must be a finite number, got inf (--set train.lr=inf)"
     assert error_of(path, ["train.lr=nan"]) == "[train] lr must be a finite number, got nan (--set train.lr=nan)"
     assert "[train] weight_decay must be a finite number, got inf" in error_of(path, ["train.weight_decay=inf"])
-    assert "[train] betas must be two numbers in [0, 1), got [0.9, nan]" in error_of(path, ["train.betas=[0.9, nan]"])
+    assert "[train] betas must be finite numbers, got [0.9, nan]" in error_of(path, ["train.betas=[0.9, nan]"])
+    assert "[ppo] kl_coef must be a finite number, got inf" in error_of(path, ["ppo.kl_coef=inf"])
+    assert "[lora] alpha must be a finite number, got -inf" in error_of(path, ["lora.alpha=-inf"])
+    assert "[model.init] rope_theta must be a finite number, got nan" in error_of(path, ["model.init.rope_theta=nan"])
+    toml = tmp_path / "inf.toml"
+    toml.write_text(BASE + "\n[dpo]\nbeta = inf\n")
+    assert error_of(toml, []) == f"[dpo] beta must be a finite number, got inf ({toml})"
     assert "[train] threads must be >= 0, got -1" in error_of(path, ["train.threads=-1"])
     assert "[train] overwrite must be false when resuming" in error_of(path, ["train.overwrite=true",
                                                                             'train.resume="auto"'])
