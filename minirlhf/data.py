@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from minirlhf.bpe import TokenizerError
 from minirlhf.config import Config, DataSection
 from minirlhf.errors import UserError
 
@@ -655,9 +656,11 @@ def _encode_chunk(encode: Callable[[Any], Any], rows: list[Any], send: Any) -> N
 
 
 def _try_encode(encode: Callable[[Any], Any], row: Any) -> tuple[bool, Any]:
+    """(True, the example) or (False, what is wrong with the row): a malformed row, or a row the chat
+    template refuses (its raise_exception, a conversation it cannot render)."""
     try:
         return True, encode(row)
-    except _RowError as e:
+    except (_RowError, TokenizerError) as e:
         return False, str(e)
 
 

@@ -389,7 +389,7 @@ class Tokenizer:
             elif pos >= 0:
                 end = content_end
             else:
-                raise ValueError(f"chat template: cannot locate assistant message {i} ({content[:40]!r}) in the "
+                raise TokenizerError(f"{self._chat_origin}: chat template: cannot locate assistant message {i} ({content[:40]!r}) in the "
                                  f"rendered conversation; the template rewrites it")
             spans.append((start, end))
             prev_end = end

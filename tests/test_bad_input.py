@@ -342,6 +342,15 @@ def test_chat_template_breaking_the_sandbox(good, tmp_path, capsys, template):
     assert "[data] chat_template: the chat template breaks the Jinja sandbox" in err
 
 
+def test_a_row_the_chat_template_refuses_is_named_by_file_and_line(good, tmp_path, capsys):
+    # the llama2 template raises when roles do not alternate: row 2 has two user turns in a row
+    turns = [{"role": "user", "content": prompt(0)}, {"role": "assistant", "content": answer(0, True)}]
+    rows = [{"messages": turns}, {"messages": [turns[0], *turns]}, {"messages": turns}]
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    err = one_line_error(Run(good["model"], data, sets=['data.chat_template="llama2"']), tmp_path, capsys)
+    assert f"{data}:2: built-in chat template 'llama2': chat template: llama2 template: after an optional " in err
+
+
 # -- data files ----------------------------------------------------------------------------------
 
 
