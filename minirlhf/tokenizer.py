@@ -389,8 +389,8 @@ class Tokenizer:
             elif pos >= 0:
                 end = content_end
             else:
-                raise TokenizerError(f"{self._chat_origin}: chat template: cannot locate assistant message {i} ({content[:40]!r}) in the "
-                                 f"rendered conversation; the template rewrites it")
+                raise TokenizerError(f"{self._chat_origin}: chat template: cannot locate assistant message {i} "
+                                     f"({content[:40]!r}) in the rendered conversation; the template rewrites it")
             spans.append((start, end))
             prev_end = end
         return full, spans
