@@ -585,11 +585,6 @@ class Config:
             raise ConfigError(f"[data] cutoff_len must be <= block_size = {self.data.block_size} when "
                               f"[sft] packing = true, got {self.data.cutoff_len}", "data", "cutoff_len")
 
-    @property
-    def stage_section(self) -> Any:
-        """The section of this run's stage (`cfg.dpo` for stage dpo)."""
-        return getattr(self, self.stage)
-
     def to_toml(self, comments: bool = True) -> str:
         """The resolved config as TOML text that `load_config` reads back to an equal Config."""
         return render_toml(self, comments=comments)

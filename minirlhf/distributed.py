@@ -135,10 +135,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def all_mean(value: float) -> float:
     """The mean of a float over ranks (the value itself in a plain process)."""
     if not dist.is_initialized():

@@ -90,7 +90,6 @@ from minirlhf.rollout import (
     micro_batches,
     response_logprobs,
     response_values,
-    reward_model_scorer,
 )
 from minirlhf.sft import save_policy
 from minirlhf.tokenizer import Tokenizer
@@ -246,7 +245,7 @@ class PPOStage(Stage):
     """Rollout, advantages and PPO epochs for one trainer step.
 
     policy:     the model being trained (LoRA adapters injected or not)
-    score_fn:   rollout -> [B] scores (rollout.reward_model_scorer, rollout.text_scorer, ...)
+    score_fn:   rollout -> [B] scores (rollout.RewardModelScorer, rollout.text_scorer, ...)
     critic:     value model for "gae"; None for the critic-free estimators
     reference:  a frozen reference policy; None = the policy with its adapters disabled (needs LoRA)
     prompts:    encoded prompts ({"input_ids"}), eval_prompts likewise (scored at the end / eval_every)
@@ -299,7 +298,7 @@ class PPOStage(Stage):
 
     def frozen_modules(self) -> list[nn.Module]:
         """The frozen reference copy (not when it is the policy with adapters off) and the reward model
-        inside a reward_model_scorer (not a text scorer's Python function)."""
+        inside a RewardModelScorer (not a text scorer's Python function)."""
         out = [self.reference] if self.reference is not self.policy else []
         if isinstance(self.score_fn, RewardModelScorer):
             out.append(self.score_fn.reward_model)
@@ -625,6 +624,6 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PPOStage:
             raise ConfigError(f"[ppo] ptx_files {p.ptx_files} hold no text", "ppo", "ptx_files")
         ptx = BatchIterator(blocks, p.micro_batch_size, functools.partial(collate_sft, pad_id=tok.pad_id),
                             seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    score_fn = reward_model_scorer(reward_model, p.micro_batch_size)
+    score_fn = RewardModelScorer(reward_model, p.micro_batch_size)
     return PPOStage(cfg, policy, tok, data.train, score_fn, critic=critic, reference=reference,
                     eval_prompts=data.eval, ptx=ptx, estimator=p.estimator)

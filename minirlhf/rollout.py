@@ -90,7 +90,7 @@ class Rollout:
 
 
 # A scorer maps a rollout (its sequences, masks and answer tokens) to one score per row, [B] float32.
-# The reward model is one (`reward_model_scorer`); a Python function of the decoded text is another
+# The reward model is one (`RewardModelScorer`); a Python function of the decoded text is another
 # (`text_scorer`).
 ScoreFn = Callable[[Rollout], torch.Tensor]
 
@@ -187,11 +187,6 @@ class RewardModelScorer:
             out.append(self.reward_model(rollout.input_ids[rows], rollout.attention_mask[rows]).float())
         reshard(self.reward_model)
         return torch.cat(out)
-
-
-def reward_model_scorer(reward_model: RewardModel, micro_batch_size: int) -> RewardModelScorer:
-    """The reward model as a ScoreFn, in micro-batches of micro_batch_size sequences."""
-    return RewardModelScorer(reward_model, micro_batch_size)
 
 
 def text_scorer(tokenizer, fn: Callable[[list[str], list[str]], list[float]]) -> ScoreFn:

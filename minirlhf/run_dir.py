@@ -21,6 +21,7 @@ stopped before it wrote anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -54,13 +55,14 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 
 def input_dirs(cfg: Config) -> list[tuple[str, str]]:
-    """(the key, the directory) of every model directory the run reads."""
+    """(the key, the directory) of every model directory the run reads: [model] path and tokenizer, and
+    each single path of the stage's own section ([dpo] ref_model, [ppo] reward_model ...)."""
     keys = [("[model] path", cfg.model.path), ("[model] tokenizer", cfg.model.tokenizer)]
-    if cfg.stage in ("dpo", "kto"):
-        keys.append((f"[{cfg.stage}] ref_model", cfg.stage_section.ref_model))
-    if cfg.stage == "ppo":
-        keys += [("[ppo] reward_model", cfg.ppo.reward_model), ("[ppo] critic_model", cfg.ppo.critic_model),
-                 ("[ppo] ref_model", cfg.ppo.ref_model)]
+    section = getattr(cfg, cfg.stage)
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("path") and isinstance(value, str):
+            keys.append((f"[{cfg.stage}] {f.name}", value))
     return [(k, v) for k, v in keys if v]
 
 
