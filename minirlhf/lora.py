@@ -264,7 +264,7 @@ def _wrap(model: Transformer, ranks: dict[str, tuple[int, float]], to_save: Sequ
           dropout: float, rslora: bool) -> None:
     """Freeze the model; wrap each named projection in LoRALinear with its (r, alpha), and each of
     to_save in ModulesToSave."""
-    if any(True for _ in lora_layers(model)) or any(True for _ in saved_modules(model)):
+    if has_lora(model):
         raise LoRAError("the model already has adapters; inject them once per model")
     if not 0.0 <= dropout < 1.0:
         raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout}")
@@ -489,7 +489,7 @@ def peft_state_dict(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[s
 def save_adapter(model: Transformer, out_dir: str | Path, base_model_name_or_path: str | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors in PEFT's layout."""
     layers = dict(lora_layers(model))
-    if not layers and not any(True for _ in saved_modules(model)):
+    if not has_lora(model):
         raise LoRAError("the model has no adapters to save (call inject_lora or load_adapter first)")
     for attr in ("rslora", "dropout_p"):
         values = {getattr(m, attr) for m in layers.values()}
@@ -623,7 +623,7 @@ def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
         raise LoRAError(f"{adapter_dir / ADAPTER_CONFIG}: target_modules {cfg.get('target_modules')!r} "
                         f"select no module of this {model.config.model_type} model; its projections: "
                         f"{', '.join(sorted({n.split('.')[-1] for n in _hf_linears(model)}))}")
-    if not any(True for _ in lora_layers(model)) and not any(True for _ in saved_modules(model)):
+    if not has_lora(model):
         _wrap(model, ranks, to_save, float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora")))
     else:
         ranks = _fold_fused_ranks(model, ranks, bool(cfg.get("use_rslora")))

@@ -67,7 +67,7 @@ from minirlhf.distributed import all_mean, gather_cat, reshard, world_size
 from minirlhf.dpo import build_reference
 from minirlhf.heads import NotARewardModel, RewardModel
 from minirlhf.logprobs import causal_lm_loss
-from minirlhf.lora import disable_adapters, lora_layers, merge_and_unload
+from minirlhf.lora import disable_adapters, has_lora, merge_and_unload
 from minirlhf.losses import (
     approx_kl,
     gae,
@@ -264,7 +264,7 @@ class PPOStage(Stage):
         if estimator == "rloo" and p.samples_per_prompt < 2:
             raise ConfigError(f"[ppo] samples_per_prompt must be >= 2 for rloo, got {p.samples_per_prompt}",
                               "ppo", "samples_per_prompt")
-        if reference is None and not any(True for _ in lora_layers(policy)):
+        if reference is None and not has_lora(policy):
             raise ValueError("PPOStage: without LoRA adapters the policy cannot be its own reference; "
                              "pass a frozen reference model")
         if len(prompts) < p.prompts_per_rollout:
@@ -539,7 +539,7 @@ class PPOStage(Stage):
         save_policy(self.policy, self.tok, out_dir, self.cfg.model.path)
         if self.critic is not None:
             critic = self.critic
-            if any(True for _ in lora_layers(critic)):
+            if has_lora(critic):
                 critic = copy.deepcopy(critic)
                 merge_and_unload(critic.backbone)
             critic.save_pretrained(Path(out_dir) / "critic", tokenizer=self.tok)
