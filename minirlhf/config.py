@@ -46,9 +46,6 @@ STAGE_FORMATS = {
     "ppo": ("auto", "prompt"),
 }
 
-# the projection names of minirlhf.model.Transformer that LoRA may wrap
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-
 
 class ConfigError(UserError, ValueError):
     """A problem in a config: says which file (or --set argument), [section] and key, and what is wrong."""
@@ -373,11 +370,13 @@ class LoraSection:
             _check(self.target_modules == "all-linear", s, "target_modules",
                    "'all-linear' or a list of module names", self.target_modules)
         else:
+            from minirlhf.lora import LINEAR_TARGETS  # the projection names LoRA may wrap
+
             _check(len(self.target_modules) > 0, s, "target_modules", "a non-empty list", self.target_modules)
             for name in self.target_modules:
-                if name not in LORA_MODULES:
+                if name not in LINEAR_TARGETS:
                     raise ConfigError(f"[{s}] target_modules has unknown module {_toml_value(name)}"
-                                      f"{_suggest(name, LORA_MODULES)}; known: {', '.join(LORA_MODULES)}",
+                                      f"{_suggest(name, LINEAR_TARGETS)}; known: {', '.join(LINEAR_TARGETS)}",
                                       s, "target_modules")
         for name in self.modules_to_save:
             _check(bool(name), s, "modules_to_save", "a list of module names", self.modules_to_save)

@@ -529,16 +529,17 @@ def collate_preference(examples: Sequence[dict], pad_id: int) -> dict[str, torch
     batch = {}
     for s, rows in sides.items():
         labels = [e[f"{s}_labels"] for e in examples]
-        batch[f"{s}_input_ids"] = _pad_to(_pad(rows, pad_id), width, pad_id)
-        batch[f"{s}_attention_mask"] = _pad_to(_mask(rows), width, 0)
-        batch[f"{s}_labels"] = _pad_to(_pad(labels, IGNORE_INDEX), width, IGNORE_INDEX)
+        batch[f"{s}_input_ids"] = pad_to(_pad(rows, pad_id), width, pad_id)
+        batch[f"{s}_attention_mask"] = pad_to(_mask(rows), width, 0)
+        batch[f"{s}_labels"] = pad_to(_pad(labels, IGNORE_INDEX), width, IGNORE_INDEX)
     batch["prompt_lens"] = torch.tensor([e["prompt_len"] for e in examples])
     if "margin" in examples[0]:
         batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
     return batch
 
 
-def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+def pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """x [B, T] right-padded with `value` to [B, width]."""
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 

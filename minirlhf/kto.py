@@ -44,7 +44,7 @@ import torch
 
 from minirlhf.build import apply_lora, build_model, build_tokenizer, disable_dropout
 from minirlhf.config import Config
-from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
+from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets, pad_to
 from minirlhf.distributed import gather_cat
 from minirlhf.dpo import Reference, build_reference, sequence_logps
 from minirlhf.losses import kto_loss
@@ -96,15 +96,11 @@ def reference_point(kl_policy: torch.Tensor, kl_ref: torch.Tensor, gather=gather
     return total / count
 
 
-def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
-
 def stacked(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
     """The examples and their KL pairs as one [2B, T] batch (rows B..2B-1 are the KL pairs)."""
     width = max(batch["input_ids"].shape[1], batch["kl_input_ids"].shape[1])
     fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    return {k: torch.cat([_pad_to(batch[k], width, v), _pad_to(batch[f"kl_{k}"], width, v)]) for k, v in fill.items()}
+    return {k: torch.cat([pad_to(batch[k], width, v), pad_to(batch[f"kl_{k}"], width, v)]) for k, v in fill.items()}
 
 
 class KTOStage(PolicyStage):

@@ -53,6 +53,7 @@ from minirlhf.model import Transformer
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# the projections of minirlhf.model.Transformer that LoRA may wrap ([lora] target_modules)
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 # files that merge_and_save copies next to the merged weights (the adapter's own copies win)
 TOKENIZER_FILES = (
