@@ -443,41 +443,6 @@ def ppo_value_loss(
     return loss, clipfrac
 
 
-# ---------------------------------------------------------------------------------------------------
-# critic-free advantages (several samples per prompt, rows grouped contiguously: prompt-major)
-
-
-def _groups(scores: Tensor, group_size: int, caller: str) -> Tensor:
-    """scores [B] -> [B // group_size, group_size]."""
-    if scores.dim() != 1:
-        raise ValueError(f"losses.{caller}: scores must be 1-D [B], got shape {tuple(scores.shape)}")
-    if group_size < 1 or scores.shape[0] % group_size != 0:
-        raise ValueError(
-            f"losses.{caller}: batch of {scores.shape[0]} scores is not a whole number of groups of {group_size}"
-        )
-    return scores.detach().view(-1, group_size)
-
-
-def group_normalized_advantages(scores: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
-    """GRPO outcome advantages: A_i = (r_i - mean(group)) / (std(group) + eps)
-    (Shao et al. 2024, DeepSeekMath, section 4.1.2). std is the unbiased sample std, as in TRL; a group of
-    one gets advantage 0. scores: [B] -> [B], detached."""
-    g = _groups(scores, group_size, "group_normalized_advantages")
-    centered = g - g.mean(dim=1, keepdim=True)
-    std = ((centered**2).sum(dim=1, keepdim=True) / max(group_size - 1, 1)).sqrt()
-    return (centered / (std + eps)).reshape(-1)
-
-
-def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
-    """REINFORCE leave-one-out: A_i = r_i - mean_{j != i} r_j over the k samples of a prompt
-    (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics"). scores: [B] -> [B], detached."""
-    if group_size < 2:
-        raise ValueError(f"losses.rloo_advantages: group_size must be >= 2 to leave one out, got {group_size}")
-    g = _groups(scores, group_size, "rloo_advantages")
-    others_mean = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
-    return (g - others_mean).reshape(-1)
-
-
 # ===================================================================================================
 # GRPO family: critic-free RL on verifiable rewards (grpo stage)
 #

@@ -71,14 +71,14 @@ from minirlhf.lora import disable_adapters, has_lora, merge_and_unload
 from minirlhf.losses import (
     approx_kl,
     gae,
-    group_normalized_advantages,
+    group_relative_advantages,
     kl_penalized_rewards,
+    leave_one_out_advantages,
     masked_mean,
     masked_var,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
-    rloo_advantages,
 )
 from minirlhf.model import Transformer
 from minirlhf.rollout import (
@@ -98,6 +98,9 @@ from minirlhf.trainer import Stage, StepResult, Trainer, TrainingError, decay_gr
 logger = logging.getLogger(__name__)
 
 ESTIMATORS = ("gae", "grpo", "rloo")
+# the eps of grpo's (r - mean) / (std + eps): 1e-6 since ppo first had the estimator (the grpo stage takes
+# TRL's 1e-4); a group whose samples score alike gets 0 either way
+GRPO_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,9 +213,9 @@ def advantages(
         return gae(rewards, values, mask, gamma=gamma, lam=lam)
     sequence_reward = (rewards * mask).sum(-1)  # (B,)
     if estimator == "grpo":
-        per_sequence = group_normalized_advantages(sequence_reward, group_size)
+        per_sequence = group_relative_advantages(sequence_reward, group_size, eps=GRPO_EPS)
     elif estimator == "rloo":
-        per_sequence = rloo_advantages(sequence_reward, group_size)
+        per_sequence = leave_one_out_advantages(sequence_reward, group_size)
     else:
         raise ValueError(f"ppo.advantages: estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     return per_sequence[:, None] * mask.to(rewards.dtype), None

@@ -593,29 +593,30 @@ def test_entropy_from_logits():
 # critic-free advantages
 
 
-def test_group_normalized_advantages():
+def test_group_relative_advantages_as_ppo_uses_them():
+    # ppo's grpo estimator: scale "group", eps 1e-6
     # group (1, 2, 3): mean 2, unbiased std 1 -> (-1, 0, 1) / (1 + eps); group (5, 5, 5): 0 / eps = 0
-    out = L.group_normalized_advantages(t64(1, 2, 3, 5, 5, 5), group_size=3, eps=1e-6)
+    out = L.group_relative_advantages(t64(1, 2, 3, 5, 5, 5), group_size=3, eps=1e-6)
     torch.testing.assert_close(out, t64(-1, 0, 1, 0, 0, 0) / (1 + 1e-6))
     g = torch.Generator().manual_seed(10)
     s = torch.randn(12, dtype=f64, generator=g)
     ref = torch.cat([(c - c.mean()) / (c.std() + 1e-6) for c in s.split(4)])
-    torch.testing.assert_close(L.group_normalized_advantages(s, 4), ref)
-    torch.testing.assert_close(L.group_normalized_advantages(s, 1), torch.zeros(12, dtype=f64))
+    torch.testing.assert_close(L.group_relative_advantages(s, 4, eps=1e-6), ref)
+    torch.testing.assert_close(L.group_relative_advantages(s, 1, eps=1e-6), torch.zeros(12, dtype=f64))
     with pytest.raises(ValueError, match="groups of 5"):
-        L.group_normalized_advantages(s, 5)
+        L.group_relative_advantages(s, 5)
 
 
-def test_rloo_advantages():
+def test_leave_one_out_advantages_as_ppo_uses_them():
     # (1, 2, 3): 1 - (2 + 3)/2 = -1.5, 2 - (1 + 3)/2 = 0, 3 - (1 + 2)/2 = 1.5
-    torch.testing.assert_close(L.rloo_advantages(t64(1, 2, 3, 0, 0, 6), 3), t64(-1.5, 0, 1.5, -3, -3, 6))
+    torch.testing.assert_close(L.leave_one_out_advantages(t64(1, 2, 3, 0, 0, 6), 3), t64(-1.5, 0, 1.5, -3, -3, 6))
     g = torch.Generator().manual_seed(11)
     s = torch.randn(8, dtype=f64, generator=g)
     # identity: r_i - mean_{j != i} = k/(k-1) (r_i - mean)
     ref = torch.cat([4 / 3 * (c - c.mean()) for c in s.split(4)])
-    torch.testing.assert_close(L.rloo_advantages(s, 4), ref)
+    torch.testing.assert_close(L.leave_one_out_advantages(s, 4), ref)
     with pytest.raises(ValueError, match="group_size"):
-        L.rloo_advantages(s, 1)
+        L.leave_one_out_advantages(s, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -649,8 +650,8 @@ def test_dtype_preserved(dtype):
         L.masked_mean(mat(), mask),
         L.masked_var(mat(), mask),
         L.masked_whiten(mat(), mask),
-        L.group_normalized_advantages(vec(), 2),
-        L.rloo_advantages(vec(), 2),
+        L.group_relative_advantages(vec(), 2),
+        L.leave_one_out_advantages(vec(), 2),
     ]
     for i, out in enumerate(outs):
         assert out.dtype == dtype, (i, out.dtype)

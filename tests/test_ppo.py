@@ -27,7 +27,7 @@ from helpers_tiny import (
 from minirlhf.config import ConfigError
 from minirlhf.heads import RewardModel
 from minirlhf.lora import LoRALinear, ModulesToSave, disable_adapters, lora_layers
-from minirlhf.losses import gae, group_normalized_advantages, rloo_advantages
+from minirlhf.losses import gae, group_relative_advantages, leave_one_out_advantages
 from minirlhf.model import Transformer
 from minirlhf.ppo import (
     AdaptiveKLController,
@@ -293,10 +293,11 @@ def test_advantage_estimators_by_name():
     torch.testing.assert_close(adv, ref_adv)
     torch.testing.assert_close(ret, ref_ret)
     sequence = (rewards * mask).sum(-1)
-    for name, fn in (("grpo", group_normalized_advantages), ("rloo", rloo_advantages)):
+    grpo = group_relative_advantages(sequence, 2, eps=1e-6)  # ppo keeps its first eps (the grpo stage: 1e-4)
+    for name, expected in (("grpo", grpo), ("rloo", leave_one_out_advantages(sequence, 2))):
         adv, ret = advantages(name, rewards, mask, group_size=2)
         assert ret is None
-        torch.testing.assert_close(adv, fn(sequence, 2)[:, None] * mask)
+        torch.testing.assert_close(adv, expected[:, None] * mask)
     with pytest.raises(ValueError, match="estimator must be one of"):
         advantages("vtrace", rewards, mask, values)
 
@@ -316,7 +317,7 @@ def test_critic_free_rloo_with_a_python_reward(tiny, tmp_path):
     torch.manual_seed(1)
     rollout = first_rollout(stage, trainer)
     # with kl_coef 0 the sequence reward is the score: A_i = len_i - len of the other sample of its prompt
-    expected = rloo_advantages(rollout.raw_scores, 2)
+    expected = leave_one_out_advantages(rollout.raw_scores, 2)
     torch.testing.assert_close(rollout.advantages[:, 0], expected)
 
 
