@@ -26,7 +26,7 @@ import torch
 from minirlhf.distributed import reshard
 from minirlhf.heads import RewardModel
 from minirlhf.logprobs import IGNORE, head_logprobs
-from minirlhf.losses import entropy_from_logits
+from minirlhf.losses import entropy_from_logits, mask_truncated_completions
 from minirlhf.model import Transformer
 
 
@@ -126,10 +126,9 @@ def generate_rollout(
     out = policy.generate(ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k or None, top_p=top_p, eos_token_id=stop_ids, pad_token_id=pad_id)
     response_mask = out.mask  # (B, N)
-    stops = torch.as_tensor(stop_ids if stop_ids is not None else [], device=ids.device).reshape(-1)
-    has_stop = (torch.isin(out.tokens, stops) & response_mask).any(-1)  # (B,)
+    _, truncated = mask_truncated_completions(out.tokens, response_mask, stop_ids if stop_ids is not None else [])
     rollout = Rollout(input_ids=out.sequences, attention_mask=torch.cat([mask.long(), response_mask.long()], 1),
-                      response_mask=response_mask, prompt_len=ids.shape[1], has_stop=has_stop)
+                      response_mask=response_mask, prompt_len=ids.shape[1], has_stop=~truncated)
     return rollout, out.logprobs
 
 
