@@ -503,16 +503,17 @@ class PPOStage(Stage):
             metrics["explained_variance"] = explained_variance(rollout.values, rollout.returns, mask)
         every = self.cfg.ppo.log_samples_every
         if every and (trainer.step + 1) % every == 0 and trainer.is_main:
-            self.log_samples(rollout, trainer.step + 1)
+            samples = Path(self.cfg.train.output_dir) / "samples.jsonl"
+            with trainer.writing(samples):
+                self.log_samples(rollout, trainer.step + 1, samples)
         return StepResult(metrics, int(rollout.attention_mask.sum()))
 
-    def log_samples(self, rollout: Rollout, step: int, count: int = 4) -> None:
-        """Append a few (prompt, answer, score) rows of this rollout to OUTPUT/samples.jsonl."""
+    def log_samples(self, rollout: Rollout, step: int, path: Path, count: int = 4) -> None:
+        """Append a few (prompt, answer, score) rows of this rollout to `path` (OUTPUT/samples.jsonl)."""
         rows = torch.arange(min(count, rollout.size))
         prompts, answers = decode_rollout(self.tok, rollout.select(rows))
-        out = Path(self.cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "samples.jsonl", "a") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
             for i, (prompt, answer) in enumerate(zip(prompts, answers)):
                 f.write(json.dumps({"step": step, "prompt": prompt, "response": answer,
                                     "score": float(rollout.raw_scores[i]), "reward": float(rollout.scores[i])}) + "\n")

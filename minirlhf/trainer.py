@@ -375,7 +375,7 @@ class Trainer:
             "no checkpoint was written yet"
 
     @contextmanager
-    def _writing(self, what: Path) -> Iterator[None]:
+    def writing(self, what: Path) -> Iterator[None]:
         """Turn a failed write (a read-only or full disk, a path that is a file) into a one-line error."""
         try:
             yield
@@ -405,7 +405,7 @@ class Trainer:
         final = root / f"step-{boundary['step']:07d}"
         tmp = root / f".tmp-step-{boundary['step']:07d}"
         try:
-            with self._writing(tmp):
+            with self.writing(tmp):
                 if self.dist is not None:
                     self._save_sharded(tmp, final, boundary)
                 else:
@@ -579,7 +579,7 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:
-        with self._writing(self.out / "metrics.jsonl"):
+        with self.writing(self.out / "metrics.jsonl"):
             self._metrics_file.write(json.dumps(row) + "\n")
             self._metrics_file.flush()
             if self._tb is not None:
@@ -615,7 +615,7 @@ class Trainer:
         t = self.cfg.train
         rank = self.dist.rank if self.dist is not None else 0
         if self.is_main:
-            with self._writing(self.out / "config.toml"):
+            with self.writing(self.out / "config.toml"):
                 self.cfg.save(self.out)
         seed_everything(t.seed + 1000 * rank)  # ranks sample (dropout, ppo answers) independently
         resume = self._resume_path()
@@ -623,7 +623,7 @@ class Trainer:
             self.load_checkpoint(resume)
         if self.dist is not None:
             self.dist.barrier()  # rank 0 may still be cutting metrics.jsonl of a resumed run
-        with self._writing(self.out / "metrics.jsonl"):
+        with self.writing(self.out / "metrics.jsonl"):
             self._metrics_file = self._open_metrics() if self.is_main else open(os.devnull, "w")
             self._tb = self._tensorboard() if self.is_main else None
         status = "completed"
@@ -679,7 +679,7 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
         if status == "completed":
-            with self._writing(self.out):
+            with self.writing(self.out):
                 if self.dist is not None:
                     from minirlhf.distributed import export_final
 

@@ -39,6 +39,7 @@ from minirlhf.ppo import (
 )
 from minirlhf.rollout import Rollout, generate_rollout, response_logprobs, text_scorer
 from minirlhf.tokenizer import train_sentencepiece
+from minirlhf.run_dir import OutputDirError, claim_output_dir
 from minirlhf.trainer import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,9 +110,20 @@ def test_rollout_shapes_and_masks(tiny, tmp_path):
         assert (getattr(rollout, name)[~mask] == 0).all(), name
     assert (rollout.logprobs[mask] < 0).all()
     # the samples file got this step's rows
-    stage.log_samples(rollout, step=1)
+    stage.log_samples(rollout, step=1, path=tmp_path / "out" / "samples.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and rows[0]["prompt"].endswith("assistant\n") and "score" in rows[0]
+
+
+def test_an_unwritable_samples_file_is_a_one_line_error(tiny, tmp_path):
+    """samples.jsonl goes through the trainer's write-error handling, as metrics.jsonl and checkpoints do."""
+    cfg = ppo_config(tiny, tmp_path / "out")
+    trainer = Trainer(cfg, build_stage(cfg), "cpu", run_dir=claim_output_dir(cfg, is_main=True))
+    (tmp_path / "out" / "samples.jsonl").mkdir()  # a folder where the file should go
+    with pytest.raises(OutputDirError) as info:
+        trainer.fit()
+    assert str(info.value) == f"cannot write {tmp_path / 'out' / 'samples.jsonl'}: Is a directory; no checkpoint " \
+                              f"was written yet"
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
