@@ -253,20 +253,15 @@ class PPOStage(Stage):
     reference:  a frozen reference policy; None = the policy with its adapters disabled (needs LoRA)
     prompts:    encoded prompts ({"input_ids"}), eval_prompts likewise (scored at the end / eval_every)
     ptx:        resumable iterator of pretraining micro-batches for the ptx loss, or None
-    estimator:  "gae" | "grpo" | "rloo"
+    The advantage estimator is [ppo] estimator (validated with the config).
     """
 
     def __init__(self, cfg: Config, policy: Transformer, tok: Tokenizer, prompts: list[dict], score_fn: ScoreFn,
                  critic: RewardModel | None = None, reference: Transformer | None = None,
-                 eval_prompts: list[dict] | None = None, ptx: BatchIterator | None = None, estimator: str = "gae"):
+                 eval_prompts: list[dict] | None = None, ptx: BatchIterator | None = None):
         p = cfg.ppo
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"PPOStage: estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
-        if estimator == "gae" and critic is None:
+        if p.estimator == "gae" and critic is None:
             raise ValueError("PPOStage: estimator 'gae' needs a critic")
-        if estimator == "rloo" and p.samples_per_prompt < 2:
-            raise ConfigError(f"[ppo] samples_per_prompt must be >= 2 for rloo, got {p.samples_per_prompt}",
-                              "ppo", "samples_per_prompt")
         if reference is None and not has_lora(policy):
             raise ValueError("PPOStage: without LoRA adapters the policy cannot be its own reference; "
                              "pass a frozen reference model")
@@ -281,7 +276,7 @@ class PPOStage(Stage):
                 raise ConfigError(f"[ppo] reward_norm = \"rm\" needs a reward model with the score statistics the rm "
                                   f"stage saves, std > 0 (minirlhf_reward_stats in {p.reward_model}/config.json); "
                                   f"use \"running\" or \"none\"", "ppo", "reward_norm")
-        self.cfg, self.tok, self.score_fn, self.estimator = cfg, tok, score_fn, estimator
+        self.cfg, self.tok, self.score_fn, self.estimator = cfg, tok, score_fn, p.estimator
         self.policy, self.critic = policy, critic
         self.model = PolicyAndCritic(policy, critic)
         # the reference is a frozen model, or the policy itself run inside disable_adapters
@@ -630,4 +625,4 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PPOStage:
                             seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     score_fn = RewardModelScorer(reward_model, p.micro_batch_size)
     return PPOStage(cfg, policy, tok, data.train, score_fn, critic=critic, reference=reference,
-                    eval_prompts=data.eval, ptx=ptx, estimator=p.estimator)
+                    eval_prompts=data.eval, ptx=ptx)

@@ -316,11 +316,12 @@ def test_advantage_estimators_by_name():
 
 def test_critic_free_rloo_with_a_python_reward(tiny, tmp_path):
     """A Python function of the answer text in place of the reward model, RLOO in place of the critic."""
-    cfg = ppo_config(tiny, tmp_path / "out", "ppo.kl_coef=0.0", "ppo.whiten_advantages=false")
+    cfg = ppo_config(tiny, tmp_path / "out", "ppo.kl_coef=0.0", "ppo.whiten_advantages=false",
+                     'ppo.estimator="rloo"')
     base = build_stage(cfg)
     score = text_scorer(tiny["tok"], lambda prompts, answers: [float(len(a)) for a in answers])
     stage = PPOStage(cfg, base.policy, tiny["tok"], base.batches.examples, score, critic=None,
-                     reference=base.reference, estimator="rloo")
+                     reference=base.reference)
     trainer = Trainer(cfg, stage, "cpu")
     torch.manual_seed(0)
     result = stage.train_step(trainer)
