@@ -45,7 +45,15 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer, disable_dropout, load_model
+from minirlhf.build import (
+    DTYPES,
+    apply_lora,
+    build_model,
+    build_tokenizer,
+    disable_dropout,
+    load_model,
+    prepare_backbone,
+)
 from minirlhf.checkpoint import save_safetensors
 from minirlhf.config import Config, ConfigError
 from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
@@ -131,12 +139,15 @@ class Reference:
         return h.hexdigest()
 
 
-def build_reference(cfg: Config, policy: Transformer, ref_path: str, section: str,
+def build_reference(cfg: Config, tok: Tokenizer, policy: Transformer, ref_path: str, section: str,
                     device: torch.device | str, rank: int | None = None) -> Reference:
     """The reference of a policy (see the module docstring); call it before any training step.
-    rank: under torchrun, only rank 0 reads a ref_model (see build.build_model)."""
+    A [section] ref_model goes through build.prepare_backbone like every model a stage builds (the tokenizer
+    must fit its embeddings) and must have the policy's vocabulary. rank: under torchrun, only rank 0 reads
+    a ref_model (see build.build_model)."""
     if ref_path:
-        ref = load_model(ref_path, DTYPES[cfg.model.dtype], device, rank)
+        ref = prepare_backbone(cfg, tok, load_model(ref_path, DTYPES[cfg.model.dtype], device, rank), ref_path,
+                               section, "ref_model")
         if ref.config.vocab_size != policy.config.vocab_size:
             raise ConfigError(f"[{section}] ref_model {ref_path!r} has a vocabulary of {ref.config.vocab_size}, "
                               f"the policy {policy.config.vocab_size}", section, "ref_model")
@@ -148,8 +159,7 @@ def build_reference(cfg: Config, policy: Transformer, ref_path: str, section: st
         source = f"a frozen copy of {cfg.model.path or 'the fresh model'}"
     ref.requires_grad_(False)
     ref.eval()
-    ref.kernel_backend = cfg.model.backend
-    ref.activation_checkpointing = False
+    ref.activation_checkpointing = False  # it never runs backward
     return Reference(ref, adapters_off=False, source=source)
 
 
@@ -345,7 +355,7 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | Non
     train, eval_ = data.train, data.eval
     if cfg.dpo.loss_type in REFERENCE_FREE:
         return PreferenceStage(cfg, model, tok, train, eval_, data.collate)
-    reference = build_reference(cfg, model, cfg.dpo.ref_model, "dpo", device, rank=rank)
+    reference = build_reference(cfg, tok, model, cfg.dpo.ref_model, "dpo", device, rank=rank)
     logger.info("dpo: reference = %s (%s)", reference.source, cfg.dpo.reference)
     if cfg.dpo.reference == "live":
         return PreferenceStage(cfg, model, tok, train, eval_, data.collate, reference)

@@ -216,6 +216,6 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | Non
     if cfg.train.micro_batch_size == 1:
         logger.warning("kto: micro_batch_size = 1 pairs each prompt with its own completion, so the KL reference "
                        "point is max(0, r) of the example itself rather than a KL estimate; use >= 2")
-    reference = build_reference(cfg, model, k.ref_model, "kto", device, rank=rank)
+    reference = build_reference(cfg, tok, model, k.ref_model, "kto", device, rank=rank)
     logger.info("kto: reference = %s", reference.source)
     return KTOStage(cfg, model, tok, data.train, data.eval, data.collate, reference)

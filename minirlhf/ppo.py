@@ -599,7 +599,7 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PPOStage:
     p = cfg.ppo
     tok = build_tokenizer(cfg)
     policy = disable_dropout(cfg, apply_lora(cfg, build_model(cfg, tok, device=device)))
-    ref = build_reference(cfg, policy, p.ref_model, "ppo", device)
+    ref = build_reference(cfg, tok, policy, p.ref_model, "ppo", device)
     reference = None if ref.adapters_off else ref.model  # None: the policy with its adapters disabled
 
     dtype = DTYPES[cfg.model.dtype]

@@ -237,3 +237,16 @@ beta = 1.0
     assert not torch.equal(trained.layers[0].mlp.up_proj.weight, start.layers[0].mlp.up_proj.weight)
     assert (out / "tokenizer.model").exists()
     assert len(list((out / "reference_logps").iterdir())) == 2
+
+
+def test_a_ref_model_must_hold_the_tokenizer_and_the_policy_vocabulary(tiny):
+    from minirlhf.config import ConfigError
+
+    small = tiny_model_dir(tiny["dir"] / "ref-small", tiny["tok"], vocab_size=tiny["tok"].vocab_size - 1)
+    with pytest.raises(ConfigError) as info:  # build.prepare_backbone's check, as for every model built
+        make_stage(tiny, "ref-small-out", f"dpo.ref_model={small}")
+    assert str(info.value).startswith(f"[dpo] ref_model: the tokenizer at {str(tiny['model'])!r} has "
+                                      f"{tiny['tok'].vocab_size} tokens but the model {small} only")
+    large = tiny_model_dir(tiny["dir"] / "ref-large", tiny["tok"], vocab_size=tiny["tok"].vocab_size + 8)
+    with pytest.raises(ConfigError, match=r"\[dpo\] ref_model .* has a vocabulary of \d+, the policy \d+"):
+        make_stage(tiny, "ref-large-out", f"dpo.ref_model={large}")
