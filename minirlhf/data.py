@@ -40,8 +40,7 @@ import torch
 from minirlhf.bpe import TokenizerError
 from minirlhf.config import Config, DataSection
 from minirlhf.errors import UserError
-
-IGNORE_INDEX = -100
+from minirlhf.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

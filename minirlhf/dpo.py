@@ -56,11 +56,11 @@ from minirlhf.build import (
 )
 from minirlhf.checkpoint import save_safetensors
 from minirlhf.config import Config, ConfigError
-from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
+from minirlhf.data import BatchIterator, build_datasets
 from minirlhf.distributed import reshard
 from minirlhf.logprobs import label_logprobs
 from minirlhf.lora import disable_adapters, has_lora
-from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
+from minirlhf.losses import IGNORE_INDEX, dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
 from minirlhf.sft import PolicyStage
 from minirlhf.tokenizer import Tokenizer

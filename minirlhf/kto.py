@@ -44,10 +44,10 @@ import torch
 
 from minirlhf.build import apply_lora, build_model, build_tokenizer, disable_dropout
 from minirlhf.config import Config
-from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets, pad_to
+from minirlhf.data import BatchIterator, build_datasets, pad_to
 from minirlhf.distributed import gather_cat
 from minirlhf.dpo import Reference, build_reference, sequence_logps
-from minirlhf.losses import kto_loss
+from minirlhf.losses import IGNORE_INDEX, kto_loss
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.sft import PolicyStage

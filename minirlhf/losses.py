@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# the label of a position that is not trained: data.py writes it, every loss and log-prob skips it
+IGNORE_INDEX = -100
+
 # exp() of a log-ratio above this would overflow float32 (e^88.7); 20 keeps ratios and k3 estimates
 # finite (e^20 ~ 4.9e8) and is far beyond any ratio PPO's clipping lets through.
 _MAX_LOG_RATIO = 20.0
@@ -91,7 +94,7 @@ def _promote(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100, temperature: float = 1.0) -> Tensor:
+def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, temperature: float = 1.0) -> Tensor:
     """Log-probability of each label: log softmax(logits / temperature)[label].
 
     logits: [B, T, V]; labels: [B, T] (already aligned: labels[b, t] is the token logits[b, t] predicts).
@@ -110,7 +113,7 @@ def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100, temper
     return logps.masked_fill(ignored, 0.0)
 
 
-def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Next-token cross-entropy, mean over the tokens whose label is not `ignore_index`.
 
     L = -(1/N) * sum_{t: label_t != ignore} log softmax(logits_t)[label_t]

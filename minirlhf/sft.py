@@ -15,8 +15,9 @@ import torch.nn as nn
 
 from minirlhf.build import apply_lora, build_model, build_tokenizer
 from minirlhf.config import Config
-from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
+from minirlhf.data import BatchIterator, build_datasets
 from minirlhf.logprobs import causal_lm_loss
+from minirlhf.losses import IGNORE_INDEX
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.trainer import Stage
@@ -74,7 +75,7 @@ class LanguageModelingStage(PolicyStage):
         return loss, {"loss": loss.detach()}
 
     def loss_tokens(self, batch) -> int:
-        """The trained labels (positions 1..T-1 not -100): the loss is their mean, and the trainer weights
+        """The trained labels (positions 1..T-1 not IGNORE_INDEX): the loss is their mean, and the trainer weights
         micro-batches by them, so a step is the mean over every trained token of its batch."""
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
@@ -90,7 +91,7 @@ class LanguageModelingStage(PolicyStage):
         size = self.cfg.train.micro_batch_size
         for i in range(0, len(self.eval_examples), size):
             batch = trainer.to_device(self.collate(self.eval_examples[i: i + size]))
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             if n:
                 total += float(causal_lm_loss(self.model, batch)) * n
                 count += n

@@ -22,7 +22,7 @@ from minirlhf.commands.measures import per_prompt, win_scores
 from minirlhf.commands.generate import generate_answers, read_prompts
 from minirlhf.commands.report import bootstrap_interval
 from minirlhf.commands.sampling import Sampling
-from minirlhf.data import IGNORE_INDEX
+from minirlhf.losses import IGNORE_INDEX
 from minirlhf.heads import RewardModel
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import train_sentencepiece

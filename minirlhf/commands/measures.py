@@ -60,7 +60,8 @@ def reward_model_scores(rm: "RewardModel", prompts: dict[int, Prompt], answers: 
 def sequence_logprobs(model: "Transformer", prompts: dict[int, Prompt], answers: dict[Key, Answer], pad_id: int,
                       batch_size: int) -> dict[Key, float]:
     """log p(answer | prompt) = sum_t log p(y_t | x, y_<t) over the answer's tokens (stop token included)."""
-    from minirlhf.data import IGNORE_INDEX, collate_sft
+    from minirlhf.data import collate_sft
+    from minirlhf.losses import IGNORE_INDEX
     from minirlhf.logprobs import label_logprobs
 
     device = model.embed_tokens.weight.device
@@ -144,6 +145,7 @@ def perplexity_documents(model: "Transformer", tok: "Tokenizer", path: str | Pat
     from minirlhf.config import DataSection
     from minirlhf.data import DataError, collate_sft, encode_sft, encode_text, load_examples, read_all
     from minirlhf.logprobs import label_logprobs
+    from minirlhf.losses import IGNORE_INDEX
 
     window = model.config.max_position_embeddings
     section = DataSection(cutoff_len=window)
@@ -166,7 +168,7 @@ def perplexity_documents(model: "Transformer", tok: "Tokenizer", path: str | Pat
         for chunk in _batches(pieces, batch_size):
             batch = {k: v.to(device) for k, v in collate_sft([p for _, p in chunk], tok.pad_id).items()}
             nll = -label_logprobs(model, batch).sum(-1)  # [B]
-            counts = (batch["labels"][:, 1:] != -100).sum(-1)  # [B]
+            counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # [B]
             for (d, _), value, n in zip(chunk, nll.tolist(), counts.tolist()):
                 totals[d][0] += value
                 totals[d][1] += n
