@@ -12,12 +12,9 @@ from __future__ import annotations
 import torch
 
 from minirlhf import kernels
-from minirlhf.data import IGNORE_INDEX
 from minirlhf.lora import LoRALinear, effective_weight
-from minirlhf.losses import lm_loss, token_logps
+from minirlhf.losses import IGNORE_INDEX, lm_loss, token_logps
 from minirlhf.model import Transformer
-
-IGNORE = IGNORE_INDEX  # labels that are not trained
 
 
 def _shifted(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,9 +45,9 @@ def causal_lm_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.
     if weight is not None:
         H = hidden.shape[-1]
         total = kernels.linear_cross_entropy(hidden.reshape(-1, H), weight, labels.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum", backend=model.kernel_backend)
-        return total / (labels != IGNORE).sum().clamp(min=1)  # a batch with nothing to learn gives 0
-    return lm_loss(model.lm_head(hidden), labels, ignore_index=IGNORE)
+                                             ignore_index=IGNORE_INDEX, reduction="sum", backend=model.kernel_backend)
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)  # a batch with nothing to learn gives 0
+    return lm_loss(model.lm_head(hidden), labels, ignore_index=IGNORE_INDEX)
 
 
 def head_logprobs(model: Transformer, hidden: torch.Tensor, labels: torch.Tensor,
@@ -65,7 +62,7 @@ def head_logprobs(model: Transformer, hidden: torch.Tensor, labels: torch.Tensor
         flat = kernels.linear_logprobs(hidden.reshape(-1, H), weight, labels.reshape(-1),
                                        temperature=temperature, backend=model.kernel_backend)
         return flat.view(B, N)
-    return token_logps(model.lm_head(hidden), labels, ignore_index=IGNORE, temperature=temperature)
+    return token_logps(model.lm_head(hidden), labels, ignore_index=IGNORE_INDEX, temperature=temperature)
 
 
 def label_logprobs(model: Transformer, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:

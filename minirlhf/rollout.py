@@ -25,8 +25,8 @@ import torch
 
 from minirlhf.distributed import reshard
 from minirlhf.heads import RewardModel
-from minirlhf.logprobs import IGNORE, head_logprobs
-from minirlhf.losses import entropy_from_logits, mask_truncated_completions
+from minirlhf.logprobs import head_logprobs
+from minirlhf.losses import IGNORE_INDEX, entropy_from_logits, mask_truncated_completions
 from minirlhf.model import Transformer
 
 
@@ -151,7 +151,7 @@ def response_logprobs(
     answers were drawn from (top-k / top-p truncation is not modelled).
     """
     hidden = model.hidden_states(input_ids, attention_mask)[:, prompt_len - 1: -1]  # (B, N, H)
-    labels = input_ids[:, prompt_len:].masked_fill(~response_mask.bool(), IGNORE)  # (B, N)
+    labels = input_ids[:, prompt_len:].masked_fill(~response_mask.bool(), IGNORE_INDEX)  # (B, N)
     logps = head_logprobs(model, hidden, labels, temperature)  # (B, N)
     entropy = None
     if with_entropy:
