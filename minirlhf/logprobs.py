@@ -72,3 +72,24 @@ def label_logprobs(model: Transformer, batch: dict[str, torch.Tensor], temperatu
     """
     hidden, labels = _shifted(model, batch)
     return head_logprobs(model, hidden, labels, temperature)
+
+
+def sequence_logprobs(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each row's trained labels, and how many there are: losses.sequence_logps of the
+    model's logits over the labelled positions, through the fused LM head (`label_logprobs`).
+
+    batch: input_ids, attention_mask, labels [B, T] (labels aligned with input_ids, IGNORE_INDEX where
+    untrained)  ->  (sums [B] float32, counts [B] long).
+    """
+    token = label_logprobs(model, batch)  # [B, T-1]
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # [B]
+    return token.float().sum(-1), counts
+
+
+def pair_logprobs(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logprobs` of both sides of a preference batch (chosen_/rejected_ input_ids, attention_mask,
+    labels [B, T]) as one [2B, T] forward: (sums [2B], counts [2B]), rows 0..B-1 the chosen answers and
+    B..2B-1 the rejected ones."""
+    keys = ("input_ids", "attention_mask", "labels")
+    both = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in keys}  # [2B, T] each
+    return sequence_logprobs(model, both)
