@@ -58,9 +58,9 @@ from minirlhf.checkpoint import save_safetensors
 from minirlhf.config import Config, ConfigError
 from minirlhf.data import BatchIterator, build_datasets
 from minirlhf.distributed import reshard
-from minirlhf.logprobs import label_logprobs
+from minirlhf.logprobs import pair_logprobs
 from minirlhf.lora import disable_adapters, has_lora
-from minirlhf.losses import IGNORE_INDEX, dpo_loss, orpo_loss, simpo_loss
+from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
 from minirlhf.sft import PolicyStage
 from minirlhf.tokenizer import Tokenizer
@@ -73,29 +73,7 @@ SIDES = ("chosen", "rejected")
 
 
 # --------------------------------------------------------------------------------------------------
-# shared with kto.py: precision, sequence log-probs, the reference model
-
-
-def sequence_logps(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of each row's labelled tokens, and how many there are.
-
-    input_ids, attention_mask, labels: [B, T] (labels aligned with input_ids, -100 where untrained).
-    Returns (sums [B] float32, counts [B] long). Goes through logprobs.label_logprobs (fused LM head).
-    """
-    token = label_logprobs(model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)  # [B]
-    return token.float().sum(-1), counts
-
-
-def pair_logps(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected of a preference batch as one [2B, T] forward.
-
-    Returns (sums [2B], counts [2B]): rows 0..B-1 are the chosen answers, B..2B-1 the rejected ones.
-    """
-    cat = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "attention_mask",
-                                                                                 "labels")}
-    return sequence_logps(model, cat["input_ids"], cat["attention_mask"], cat["labels"])
+# shared with kto.py and ppo.py: the reference model
 
 
 class Reference:
@@ -226,7 +204,7 @@ def precompute_reference(reference: Reference, examples: Sequence[dict], collate
     for i in tqdm(range(0, len(examples), batch_size), desc=f"reference log-probs ({tag})", dynamic_ncols=True):
         batch = {k: v.to(device) for k, v in collate(examples[i: i + batch_size]).items()}
         with autocast:
-            sums, _ = reference.run(pair_logps, batch)
+            sums, _ = reference.run(pair_logprobs, batch)
         out.append(sums.view(2, -1).t().float().cpu())  # [b, 2]
     logps = (torch.cat(out) if out else torch.zeros(0, 2)).contiguous()
     took = time.perf_counter() - start
@@ -290,14 +268,14 @@ class PreferenceStage(PolicyStage):
         """Summed reference log-probs ([B] chosen, [B] rejected): precomputed, or run now."""
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        sums, _ = self.reference.run(pair_logps, batch)
+        sums, _ = self.reference.run(pair_logprobs, batch)
         B = batch["chosen_input_ids"].shape[0]
         return sums[:B], sums[B:]
 
     def loss(self, batch):
         B = batch["chosen_input_ids"].shape[0]
         d = self.cfg.dpo
-        sums, counts = pair_logps(self.model, batch)  # [2B], [2B]
+        sums, counts = pair_logprobs(self.model, batch)  # [2B], [2B]
         avg = sums / counts.clamp(min=1)
         if self.loss_type in REFERENCE_FREE:
             if self.loss_type == "simpo":

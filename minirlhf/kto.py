@@ -46,7 +46,8 @@ from minirlhf.build import apply_lora, build_model, build_tokenizer, disable_dro
 from minirlhf.config import Config
 from minirlhf.data import BatchIterator, build_datasets, pad_to
 from minirlhf.distributed import gather_cat
-from minirlhf.dpo import Reference, build_reference, sequence_logps
+from minirlhf.dpo import Reference, build_reference
+from minirlhf.logprobs import sequence_logprobs
 from minirlhf.losses import IGNORE_INDEX, kto_loss
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
@@ -126,12 +127,11 @@ class KTOStage(PolicyStage):
         """Everything the loss needs: policy [B] (with gradient), ref [B], and kl, the detached estimate
         behind z0 (before the clamp, over every rank's pairs)."""
         B = batch["input_ids"].shape[0]
-        policy, _ = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        policy, _ = sequence_logprobs(self.model, batch)
         with torch.no_grad():
-            kl_policy, _ = sequence_logps(self.model, batch["kl_input_ids"], batch["kl_attention_mask"],
-                                          batch["kl_labels"])
-        both = stacked(batch, self.tok.pad_id)
-        ref, _ = self.reference.run(sequence_logps, both["input_ids"], both["attention_mask"], both["labels"])
+            kl_pairs = {k: batch[f"kl_{k}"] for k in ("input_ids", "attention_mask", "labels")}
+            kl_policy, _ = sequence_logprobs(self.model, kl_pairs)
+        ref, _ = self.reference.run(sequence_logprobs, stacked(batch, self.tok.pad_id))
         return {"policy": policy, "ref": ref[:B], "kl": reference_point(kl_policy, ref[B:], self.gather)}
 
     def loss(self, batch):

@@ -41,9 +41,10 @@ from typing import TYPE_CHECKING
 from minirlhf.commands import CommandError
 from minirlhf.commands.generate import Answer, Prompt
 from minirlhf.commands.loading import add_model_arguments
-from minirlhf.commands.measures import (Key, RewardFunction, function_name, load_reward_functions, per_prompt,
+from minirlhf.commands.measures import (Key, RewardFunction, answer_logprobs, function_name, load_reward_functions,
+                                        per_prompt,
                                         perplexity_documents, perplexity_metric, prompt_value, reward_function_scores,
-                                        reward_model_scores, sequence_logprobs, win_scores)
+                                        reward_model_scores, win_scores)
 from minirlhf.commands.report import Report, mean_metric
 from minirlhf.commands.sampling import Sampling, add_sampling_arguments
 
@@ -219,8 +220,8 @@ def evaluate(policy: Side, prompts: Sequence[Prompt], settings: EvalSettings, *,
             report.metrics.append(mean_metric(f"{kind}/{function_name(fn)}", per_prompt(scores), B, seed,
                                               f"{label}, {what}"))
         if reference is not None and kind == "sampled":
-            own = sequence_logprobs(policy.model, by_index, answers, pad_id, settings.batch_size)
-            ref = sequence_logprobs(reference, by_index, answers, pad_id, settings.batch_size)
+            own = answer_logprobs(policy.model, by_index, answers, pad_id, settings.batch_size)
+            ref = answer_logprobs(reference, by_index, answers, pad_id, settings.batch_size)
             kl = {k: own[k] - ref[k] for k in own}
             report.metrics.append(mean_metric("sampled/kl_from_reference", per_prompt(kl), B, seed,
                                               "KL(policy || reference) per answer, Monte Carlo k1 on the policy's "

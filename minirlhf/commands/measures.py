@@ -57,12 +57,12 @@ def reward_model_scores(rm: "RewardModel", prompts: dict[int, Prompt], answers: 
     return _per_answer(answers, batch_size, measure)
 
 
-def sequence_logprobs(model: "Transformer", prompts: dict[int, Prompt], answers: dict[Key, Answer], pad_id: int,
-                      batch_size: int) -> dict[Key, float]:
+def answer_logprobs(model: "Transformer", prompts: dict[int, Prompt], answers: dict[Key, Answer], pad_id: int,
+                    batch_size: int) -> dict[Key, float]:
     """log p(answer | prompt) = sum_t log p(y_t | x, y_<t) over the answer's tokens (stop token included)."""
     from minirlhf.data import collate_sft
+    from minirlhf.logprobs import sequence_logprobs
     from minirlhf.losses import IGNORE_INDEX
-    from minirlhf.logprobs import label_logprobs
 
     device = model.embed_tokens.weight.device
 
@@ -70,7 +70,7 @@ def sequence_logprobs(model: "Transformer", prompts: dict[int, Prompt], answers:
         examples = [{"input_ids": prompts[i].ids + answers[(i, s)].ids,
                      "labels": [IGNORE_INDEX] * len(prompts[i].ids) + answers[(i, s)].ids} for i, s in keys]
         batch = {k: v.to(device) for k, v in collate_sft(examples, pad_id).items()}
-        return label_logprobs(model, batch).sum(-1).float().cpu().tolist()
+        return sequence_logprobs(model, batch)[0].cpu().tolist()
 
     return _per_answer(answers, batch_size, measure)
 
@@ -144,8 +144,7 @@ def perplexity_documents(model: "Transformer", tok: "Tokenizer", path: str | Pat
 
     from minirlhf.config import DataSection
     from minirlhf.data import DataError, collate_sft, encode_sft, encode_text, load_examples, read_all
-    from minirlhf.logprobs import label_logprobs
-    from minirlhf.losses import IGNORE_INDEX
+    from minirlhf.logprobs import sequence_logprobs
 
     window = model.config.max_position_embeddings
     section = DataSection(cutoff_len=window)
@@ -167,9 +166,8 @@ def perplexity_documents(model: "Transformer", tok: "Tokenizer", path: str | Pat
     with torch.no_grad():
         for chunk in _batches(pieces, batch_size):
             batch = {k: v.to(device) for k, v in collate_sft([p for _, p in chunk], tok.pad_id).items()}
-            nll = -label_logprobs(model, batch).sum(-1)  # [B]
-            counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # [B]
-            for (d, _), value, n in zip(chunk, nll.tolist(), counts.tolist()):
+            logps, counts = sequence_logprobs(model, batch)  # [B], [B]
+            for (d, _), value, n in zip(chunk, (-logps).tolist(), counts.tolist()):
                 totals[d][0] += value
                 totals[d][1] += n
     return [(s, n) for s, n in totals if n > 0]
