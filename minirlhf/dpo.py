@@ -34,7 +34,6 @@ import functools
 import hashlib
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -59,7 +58,7 @@ from minirlhf.config import Config, ConfigError
 from minirlhf.data import BatchIterator, build_datasets
 from minirlhf.distributed import reshard
 from minirlhf.logprobs import pair_logprobs
-from minirlhf.lora import disable_adapters, has_lora
+from minirlhf.lora import base_state_dict, disable_adapters, has_lora
 from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
 from minirlhf.sft import PolicyStage
@@ -106,12 +105,11 @@ class Reference:
                 reshard(self.model)
 
     def fingerprint(self) -> str:
-        """A hash of the reference's weights as it runs (adapter tensors left out), for cache keys."""
+        """A hash of the reference's weights as it runs (the base weights when it is the policy with its adapters
+        off), for cache keys."""
         h = hashlib.blake2b(digest_size=16)
-        for name, t in sorted(self.model.state_dict().items()):
-            if self.adapters_off and re.search(r"(^|\.)(lora_A|lora_B|modules_to_save)\.", name):
-                continue
-            name = name.replace(".original_module", "")
+        state = base_state_dict(self.model) if self.adapters_off else self.model.state_dict()
+        for name, t in sorted(state.items()):
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
         return h.hexdigest()

@@ -313,10 +313,19 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 
+# a state-dict key of an adapter's own tensor: lora_A, lora_B, or a modules_to_save copy
+_ADAPTER_KEY = re.compile(r"(^|\.)(lora_A|lora_B|modules_to_save)\.")
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter's tensors (lora_A, lora_B, and the modules_to_save copies), our names."""
-    return {k: v for k, v in model.state_dict().items()
-            if re.search(r"\.(lora_A|lora_B|modules_to_save)\.", k)}
+    return {k: v for k, v in model.state_dict().items() if _ADAPTER_KEY.search(k)}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the model computes with inside `disable_adapters`, under the names they have in a model
+    without adapters: the adapters' own tensors left out, a modules_to_save original under its plain name."""
+    return {k.replace(".original_module", ""): v for k, v in model.state_dict().items() if not _ADAPTER_KEY.search(k)}
 
 
 @contextlib.contextmanager
