@@ -9,7 +9,7 @@ VmHWM and the anonymous / file-backed split. The extra peak, VmHWM - VmRSS(befor
 the checkpoint's bytes on disk: about 1x is one copy, 2x is two.
 
     ours       Transformer.from_pretrained: modules built on the meta device, each tensor read and
-               assigned in place (minirlhf/checkpoint.py, load_pretrained)
+               assigned in place (minirlhf/hf_checkpoint.py, load_pretrained)
     naive      the two-copy baseline: Transformer(config) allocated (uninitialised, to save time), then
                load_state_dict(safetensors.torch.load_file(...)), measured in the same run
     hf         transformers' AutoModelForCausalLM.from_pretrained, for reference (--no-hf to skip)
@@ -64,7 +64,7 @@ def child(mode: str, directory: str) -> None:
     elif mode == "naive":
         from safetensors.torch import load_file
 
-        from minirlhf.checkpoint import read_config
+        from minirlhf.hf_checkpoint import read_config
 
         with torch.device("meta"):
             model = Transformer(read_config(directory))

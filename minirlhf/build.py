@@ -76,7 +76,7 @@ def load_model(path: str, dtype: torch.dtype | None, device: torch.device | str,
         return Transformer.from_pretrained(path, dtype=dtype, device=device)
     if rank == 0:
         return Transformer.from_pretrained(path, dtype=dtype, device="cpu")
-    from minirlhf.checkpoint import pretrained_skeleton
+    from minirlhf.hf_checkpoint import pretrained_skeleton
 
     return pretrained_skeleton(path, dtype=dtype)
 

@@ -53,7 +53,7 @@ from minirlhf.build import (
     load_model,
     prepare_backbone,
 )
-from minirlhf.checkpoint import save_safetensors
+from minirlhf.hf_checkpoint import save_safetensors
 from minirlhf.config import Config, ConfigError
 from minirlhf.data import BatchIterator, build_datasets
 from minirlhf.distributed import reshard

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minirlhf.checkpoint import GPT2_BLOCK_NAMES, GPT2_TOP_NAMES, read_tensors, save_safetensors
+from minirlhf.hf_checkpoint import GPT2_BLOCK_NAMES, GPT2_TOP_NAMES, read_tensors, save_safetensors
 from minirlhf.errors import UserError
 from minirlhf.model import Transformer
 

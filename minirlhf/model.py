@@ -9,7 +9,7 @@ The families differ only by switches on `ModelConfig`:
     gpt2     LayerNorm  learned absolute  GELU (tanh)      everywhere          tied
 
 Module names follow Hugging Face's llama without the leading "model." (`layers.0.self_attn.q_proj`),
-so LoRA targets read the same as in PEFT; `checkpoint.py` maps GPT-2's names onto these.
+so LoRA targets read the same as in PEFT; `hf_checkpoint.py` maps GPT-2's names onto these.
 
 Positions always count from each row's first real token (left padding) or from the start of each
 packed document, for every family, so a padded or packed row gives the same result as that row alone.
@@ -453,13 +453,13 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device=None) -> "Transformer":
-        """Load an HF-format directory (llama, mistral, qwen2, gpt2); see minirlhf/checkpoint.py."""
-        from minirlhf.checkpoint import load_pretrained
+        """Load an HF-format directory (llama, mistral, qwen2, gpt2); see minirlhf/hf_checkpoint.py."""
+        from minirlhf.hf_checkpoint import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
-        """Write config.json and (sharded) safetensors in HF format; see minirlhf/checkpoint.py."""
-        from minirlhf.checkpoint import save_pretrained
+        """Write config.json and (sharded) safetensors in HF format; see minirlhf/hf_checkpoint.py."""
+        from minirlhf.hf_checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from minirlhf.checkpoint import save_safetensors
+from minirlhf.hf_checkpoint import save_safetensors
 
 TENSOR, TUPLE, INT_KEYS = "__tensor__", "__tuple__", "__int_keys__"
 

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from minirlhf.checkpoint import save_safetensors
+from minirlhf.hf_checkpoint import save_safetensors
 from minirlhf.config import Config
 from minirlhf.errors import UserError
 from minirlhf.run_dir import OutputDir, OutputDirError, checkpoint_dirs, claim_output_dir

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minirlhf import checkpoint, distributed
+from minirlhf import distributed, hf_checkpoint
 from minirlhf.config import load_config
 from minirlhf.model import Transformer
 from train import build_trainer
@@ -33,7 +33,7 @@ PROBE = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
 
 
 def count_weight_bytes(read_tensors, counter: list[int]):
-    """checkpoint.read_tensors, adding the bytes of every tensor it yields to counter[0]."""
+    """hf_checkpoint.read_tensors, adding the bytes of every tensor it yields to counter[0]."""
     def counted(file):
         for name, tensor in read_tensors(file):
             counter[0] += tensor.numel() * tensor.element_size()
@@ -59,7 +59,7 @@ def main() -> None:
 
 def measure(cfg, report_path: str | None) -> None:
     weight_bytes = [0]  # read from the model directories' weight files by this rank while building
-    checkpoint.read_tensors = count_weight_bytes(checkpoint.read_tensors, weight_bytes)
+    hf_checkpoint.read_tensors = count_weight_bytes(hf_checkpoint.read_tensors, weight_bytes)
     trainer = build_trainer(cfg)
     ctx = trainer.dist
     local, full = distributed.local_parameter_bytes(trainer.stage.model)

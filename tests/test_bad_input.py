@@ -128,14 +128,14 @@ def test_truncated_reward_model(good, tmp_path, capsys):
 def test_unreadable_weights_file(good, tmp_path, capsys, monkeypatch):
     """A weights file the process may not open. Tests run as root here, where chmod 000 does not stop a
     read, so the OS's answer is given to the reader directly."""
-    from minirlhf import checkpoint
+    from minirlhf import hf_checkpoint
 
     model = copy_model(good, tmp_path)
 
     def denied(file, **kwargs):
         raise PermissionError(13, "Permission denied", str(file))
 
-    monkeypatch.setattr(checkpoint, "safe_open", denied)
+    monkeypatch.setattr(hf_checkpoint, "safe_open", denied)
     err = one_line_error(Run(model, good["sft"]), tmp_path, capsys)
     assert str(model / "model.safetensors") in err and "Permission denied" in err
 

@@ -365,7 +365,7 @@ def test_pickled_or_damaged_adapter_files_are_refused_in_one_line(tmp_path, llam
     truncated adapter_model.safetensors names the file."""
     import pickle
 
-    from minirlhf.checkpoint import CheckpointError
+    from minirlhf.hf_checkpoint import CheckpointError
 
     model = Transformer.from_pretrained(llama_dir)
     inject_lora(model, LoRAConfig(r=2, alpha=4))

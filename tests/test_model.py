@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from minirlhf.checkpoint import CheckpointError  # noqa: E402
+from minirlhf.hf_checkpoint import CheckpointError  # noqa: E402
 from minirlhf.model import ModelConfig, Transformer, positions_from_documents  # noqa: E402
 
 TOL = 1e-4
