@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minirlhf.config import Config, ConfigError
+from minirlhf.config import Config
 from minirlhf.errors import UserError
 from minirlhf.model import ModelConfig, Transformer
 from minirlhf.tokenizer import Tokenizer, load_tokenizer
+from minirlhf.toml_fields import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from minirlhf.build import (
     prepare_backbone,
 )
 from minirlhf.hf_checkpoint import save_safetensors
-from minirlhf.config import Config, ConfigError
+from minirlhf.config import Config
 from minirlhf.data import BatchIterator, build_datasets
 from minirlhf.distributed import reshard
 from minirlhf.logprobs import pair_logprobs
@@ -63,6 +63,7 @@ from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
 from minirlhf.sft import PolicyStage
 from minirlhf.tokenizer import Tokenizer
+from minirlhf.toml_fields import ConfigError
 from minirlhf.trainer import autocast_for, fsync_files
 
 logger = logging.getLogger(__name__)

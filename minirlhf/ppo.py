@@ -53,7 +53,7 @@ from minirlhf.build import (
     disable_dropout,
     prepare_backbone,
 )
-from minirlhf.config import Config, ConfigError
+from minirlhf.config import Config
 from minirlhf.data import (
     BatchIterator,
     build_datasets,
@@ -93,6 +93,7 @@ from minirlhf.rollout import (
 )
 from minirlhf.sft import save_policy
 from minirlhf.tokenizer import Tokenizer
+from minirlhf.toml_fields import ConfigError
 from minirlhf.trainer import Stage, StepResult, Trainer, TrainingError, decay_groups
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from minirlhf.config import Config, ConfigError, default_toml, iter_fields, load_config
+from minirlhf.config import Config, default_toml, iter_fields, load_config
+from minirlhf.toml_fields import ConfigError
 
 BASE = """
 [model]
@@ -209,7 +210,7 @@ def test_other_trainers_key_names_point_to_ours(tmp_path):
 
 
 def test_every_ecosystem_pointer_names_a_real_key():
-    from minirlhf.config import ECOSYSTEM_KEYS
+    from minirlhf.toml_fields import ECOSYSTEM_KEYS
 
     known = {(s, k) for s, k, *_ in iter_fields()}
     doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()

@@ -240,7 +240,7 @@ beta = 1.0
 
 
 def test_a_ref_model_must_hold_the_tokenizer_and_the_policy_vocabulary(tiny):
-    from minirlhf.config import ConfigError
+    from minirlhf.toml_fields import ConfigError
 
     small = tiny_model_dir(tiny["dir"] / "ref-small", tiny["tok"], vocab_size=tiny["tok"].vocab_size - 1)
     with pytest.raises(ConfigError) as info:  # build.prepare_backbone's check, as for every model built

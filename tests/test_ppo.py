@@ -24,7 +24,7 @@ from helpers_tiny import (
     write_jsonl,
 )
 
-from minirlhf.config import ConfigError
+from minirlhf.toml_fields import ConfigError
 from minirlhf.heads import RewardModel
 from minirlhf.lora import LoRALinear, ModulesToSave, disable_adapters, lora_layers
 from minirlhf.losses import gae, group_relative_advantages, leave_one_out_advantages
