@@ -434,7 +434,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     if adapter_keys:
         raise CheckpointError(
             f"the model still carries LoRA adapters ({adapter_keys[0]}, ...): save them with "
-            "minirlhf.lora.save_adapter, or merge first with minirlhf.lora.merge_and_unload"
+            "minirlhf.peft.save_adapter, or merge first with minirlhf.lora.merge_and_unload"
         )
     tensors = ours_to_hf(state, model.config)
     dtype = next(iter(tensors.values())).dtype

@@ -39,7 +39,8 @@ def neftune_hook(alpha: float):
 def save_policy(model: Transformer, tok: Tokenizer, out_dir: Path, base: str = "") -> None:
     """A full HF-format model, or the LoRA adapter in PEFT's layout (naming `base`, the directory the
     run started from, as its base model so that loaders find it), plus the tokenizer files."""
-    from minirlhf.lora import has_lora, save_adapter
+    from minirlhf.lora import has_lora
+    from minirlhf.peft import save_adapter
 
     if has_lora(model):
         save_adapter(model, out_dir, base_model_name_or_path=base or None)

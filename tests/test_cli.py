@@ -21,7 +21,8 @@ from helpers_tiny import preference_rows, tiny_model_dir, tiny_tokenizer, write_
 from minirlhf import cli
 from minirlhf.commands.loading import load_policy, resolve_model_paths
 from minirlhf.heads import RewardModel
-from minirlhf.lora import LoRAConfig, inject_lora, lora_layers, save_adapter
+from minirlhf.lora import LoRAConfig, inject_lora, lora_layers
+from minirlhf.peft import save_adapter
 from minirlhf.model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]

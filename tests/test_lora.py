@@ -18,15 +18,14 @@ from minirlhf.lora import (  # noqa: E402
     disable_adapters,
     effective_weight,
     inject_lora,
-    load_adapter,
     lora_state_dict,
     main,
     merge_and_unload,
     merge_lora,
-    save_adapter,
     trainable_parameters,
     unmerge_lora,
 )
+from minirlhf.peft import load_adapter, save_adapter  # noqa: E402
 from minirlhf.model import Transformer  # noqa: E402
 
 TOL = 1e-5

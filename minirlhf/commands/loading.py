@@ -170,7 +170,8 @@ def load_policy(paths: ModelPaths, merge: bool = True, dtype: "torch.dtype | Non
     _refuse_reward_model(paths.base)
     model = Transformer.from_pretrained(paths.base, dtype=dtype, device=device)
     if paths.adapter is not None:
-        from minirlhf.lora import load_adapter, merge_and_unload
+        from minirlhf.lora import merge_and_unload
+        from minirlhf.peft import load_adapter
 
         load_adapter(model, paths.adapter)
         model.to(device)

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from minirlhf.commands.loading import resolve_model_paths
-    from minirlhf.lora import merge_and_save
+    from minirlhf.peft import merge_and_save
 
     paths = resolve_model_paths(args.base or args.adapter, args.adapter if args.base else None)
     if paths.adapter is None:
