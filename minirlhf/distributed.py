@@ -12,7 +12,7 @@ device; then `prepare_stage` shards it, filling those ranks' shards from rank 0 
   runs (all-gather before, reduce-scatter of the gradients after, averaged over ranks).
 - On GPU a MixedPrecisionPolicy all-gathers weights in bf16 and reduces gradients in fp32; the sharded
   master weights and AdamW states stay fp32. [train] fsdp_cpu_offload keeps them in host memory.
-- Data: each rank reads a disjoint slice of the single-process order (`data.BatchIterator.shard`):
+- Data: each rank reads a disjoint slice of the single-process order (`batching.BatchIterator.shard`):
   micro-batch k of rank r is micro-batch k * N + r of one process. With gradients averaged over ranks,
   an N-rank step with grad_accum = G equals a one-process step with grad_accum = G * N:
 
@@ -319,7 +319,7 @@ def prepare_stage(stage, ctx: DistContext) -> None:
     (`stage.frozen_modules()`: a reference copy, a reward model) the same way, so that each rank holds
     1/N of them too, its data iterators by rank, and (ppo) generation with gathered weights. Call before
     the Trainer builds its optimizer (the frozen models have no gradients and no optimizer states)."""
-    from minirlhf.data import BatchIterator
+    from minirlhf.batching import BatchIterator
 
     ctx.skeleton = meta_copy(stage.model)
     for module in [stage.model, *stage.frozen_modules()]:

@@ -55,7 +55,8 @@ from minirlhf.build import (
 )
 from minirlhf.hf_checkpoint import save_safetensors
 from minirlhf.config import Config
-from minirlhf.data import BatchIterator, build_datasets
+from minirlhf.batching import BatchIterator
+from minirlhf.data import build_datasets
 from minirlhf.distributed import reshard
 from minirlhf.logprobs import pair_logprobs
 from minirlhf.lora import base_state_dict, disable_adapters, has_lora
@@ -231,7 +232,7 @@ def with_reference_logps(examples: Sequence[dict], logps: torch.Tensor) -> list[
 
 
 def collate_with_reference(examples: Sequence[dict], collate) -> dict[str, torch.Tensor]:
-    """data.collate_preference plus ref_chosen_logps, ref_rejected_logps [B] when the examples carry them."""
+    """batching.collate_preference plus ref_chosen_logps, ref_rejected_logps [B] when the examples carry them."""
     batch = collate(examples)
     if "ref_chosen_logps" in examples[0]:
         for s in SIDES:

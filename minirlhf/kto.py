@@ -6,7 +6,7 @@ Each example (x, y) has a label; with r = log pi(y|x) - log ref(y|x) and the ref
     desirable:   lambda_D * (1 - sigmoid(beta * (r - z0)))
     undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r)))
 
-z0 estimates KL(pi || ref) from mismatched pairs of the same micro-batch (paper, sec. 4.1): data.collate_kto
+z0 estimates KL(pi || ref) from mismatched pairs of the same micro-batch (paper, sec. 4.1): batching.collate_kto
 pairs prompt i with the completion of example (i + 1) mod B, so for B >= 2 no pair stays matched, and
 
     z0 = max(0, mean_i [log pi(y_{i+1} | x_i) - log ref(y_{i+1} | x_i)]),   detached,
@@ -23,7 +23,7 @@ and when the data size leaves a last micro-batch of one example the sampler drop
 The paper recommends lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] (sec. 4.2, "data imbalance");
 build_stage warns outside that range and says which desirable_weight would bring it back. With
 [kto] balanced_batches (default) every micro-batch holds the two classes in the data's proportion
-(data.StratifiedSampler), as the KTO authors' loader interleaves them; TRL shuffles plainly, and then a
+(batching.StratifiedSampler), as the KTO authors' loader interleaves them; TRL shuffles plainly, and then a
 micro-batch's class count, and with it the weighted pull on what all answers share, varies from step to step.
 
 The reference is the policy with its adapters disabled under LoRA, else a frozen copy of the starting
@@ -44,7 +44,8 @@ import torch
 
 from minirlhf.build import apply_lora, build_model, build_tokenizer, disable_dropout
 from minirlhf.config import Config
-from minirlhf.data import BatchIterator, build_datasets, pad_to
+from minirlhf.batching import BatchIterator, pad_to
+from minirlhf.data import build_datasets
 from minirlhf.distributed import gather_cat
 from minirlhf.dpo import Reference, build_reference
 from minirlhf.logprobs import sequence_logprobs

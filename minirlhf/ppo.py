@@ -54,15 +54,8 @@ from minirlhf.build import (
     prepare_backbone,
 )
 from minirlhf.config import Config
-from minirlhf.data import (
-    BatchIterator,
-    build_datasets,
-    collate_prompts,
-    collate_sft,
-    encode_text,
-    load_examples,
-    pack_documents,
-)
+from minirlhf.batching import BatchIterator, collate_prompts, collate_sft, pack_documents
+from minirlhf.data import build_datasets, encode_text, load_examples
 from minirlhf.distributed import all_mean, gather_cat, reshard, world_size
 from minirlhf.dpo import build_reference
 from minirlhf.heads import NotARewardModel, RewardModel

@@ -28,7 +28,8 @@ import torch
 
 from minirlhf.build import DTYPES, apply_lora, build_tokenizer, fresh_model_config, prepare_backbone
 from minirlhf.config import Config
-from minirlhf.data import BatchIterator, build_datasets
+from minirlhf.batching import BatchIterator
+from minirlhf.data import build_datasets
 from minirlhf.heads import RewardModel
 from minirlhf.losses import reward_centering_loss, reward_pair_loss
 from minirlhf.tokenizer import Tokenizer

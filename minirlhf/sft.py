@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from minirlhf.build import apply_lora, build_model, build_tokenizer
 from minirlhf.config import Config
-from minirlhf.data import BatchIterator, build_datasets
+from minirlhf.batching import BatchIterator
+from minirlhf.data import build_datasets
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.losses import IGNORE_INDEX
 from minirlhf.model import Transformer

@@ -84,7 +84,7 @@ class Stage:
     """What a stage plugs into the trainer. Subclasses set `model` and `batches` and define `loss`.
 
     `model`   the module that owns every trainable parameter (policy, value head, adapters ...)
-    `batches` a resumable iterator of micro-batches (data.BatchIterator): `next()`,
+    `batches` a resumable iterator of micro-batches (batching.BatchIterator): `next()`,
               `state_dict()`, `load_state_dict()`, `batches_per_epoch`
     """
 

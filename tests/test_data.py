@@ -19,11 +19,29 @@ from pathlib import Path
 import pytest
 
 from minirlhf.config import DataSection, load_config
-from minirlhf.data import (
-    IGNORE_INDEX, BatchIterator, DataError, ResumableSampler, StratifiedSampler, build_datasets, collate_kto,
-    collate_preference, collate_prompts, collate_sft, encode_kto, encode_preference, encode_prompt, encode_sft,
-    encode_text, load_examples, pack_documents, pack_examples, read_all, split_rows,
+from minirlhf.batching import (
+    BatchIterator,
+    ResumableSampler,
+    StratifiedSampler,
+    collate_kto,
+    collate_preference,
+    collate_prompts,
+    collate_sft,
+    pack_documents,
+    pack_examples,
 )
+from minirlhf.data import (
+    build_datasets,
+    encode_kto,
+    encode_preference,
+    encode_prompt,
+    encode_sft,
+    encode_text,
+    load_examples,
+    split_rows,
+)
+from minirlhf.data_files import DataError, read_all
+from minirlhf.losses import IGNORE_INDEX
 
 BOS, EOT = 1, 2
 ROLE = {"system": 3, "user": 4, "assistant": 5}

@@ -19,7 +19,7 @@ import torch
 from helpers_tiny import (answer, preference_rows, prompt, tiny_config, tiny_model_config, tiny_model_dir,
                           tiny_tokenizer, write_jsonl)
 from minirlhf import sft
-from minirlhf.data import BatchIterator
+from minirlhf.batching import BatchIterator
 from minirlhf.distributed import meta_copy
 from minirlhf.heads import RewardModel
 from minirlhf.model import Transformer

@@ -23,7 +23,7 @@ from helpers_tiny import (
 )
 
 from minirlhf import kto, losses
-from minirlhf.data import IGNORE_INDEX
+from minirlhf.losses import IGNORE_INDEX
 from minirlhf.model import Transformer
 from minirlhf.trainer import Trainer
 

@@ -293,7 +293,7 @@ def _prompt_rows(args: argparse.Namespace, files: Sequence[Side]) -> tuple[list[
     them: from --prompts, else from the first answer file's rows (their generated fields removed)."""
     from minirlhf.commands.answer_file import file_sha256
     from minirlhf.commands.generate import ADDED_FIELDS
-    from minirlhf.data import read_all
+    from minirlhf.data_files import read_all
 
     meta = files[0].file_arguments if files else {}
     raw, system = bool(meta.get("raw")), meta.get("system")

@@ -91,7 +91,7 @@ class Answer:
 
 def read_prompts(path: str | Path, tok: "Tokenizer", raw: bool = False, system: str | None = None) -> list[Prompt]:
     """Every row of a prompts file, tokenized; a malformed row is a DataError naming file:line."""
-    from minirlhf.data import DataError, read_all
+    from minirlhf.data_files import DataError, read_all
 
     rows, _ = read_all([str(path)])
     if not rows:
@@ -107,7 +107,8 @@ def encode_rows(rows: Sequence[tuple[str, int, dict]], tok: "Tokenizer", raw: bo
     from functools import partial
 
     from minirlhf.config import DataSection
-    from minirlhf.data import DataError, encode_prompt, load_examples
+    from minirlhf.data import encode_prompt, load_examples
+    from minirlhf.data_files import DataError
 
     if raw:
         encoded = []
@@ -126,7 +127,7 @@ def encode_rows(rows: Sequence[tuple[str, int, dict]], tok: "Tokenizer", raw: bo
 
 def check_fits(prompts: Sequence[Prompt], path: str | Path, max_new_tokens: int, max_positions: int) -> None:
     """Every prompt plus its longest answer must fit the model's positions."""
-    from minirlhf.data import DataError
+    from minirlhf.data_files import DataError
 
     for p in prompts:
         if len(p.ids) + max_new_tokens > max_positions:
@@ -148,13 +149,13 @@ def generate_answers(model: "Transformer", tok: "Tokenizer", prompts: Sequence[P
 
     by_length sorts the work longest prompt first, so a batch holds prompts of similar length (little
     padding), and the first batch shows at once whether the longest one fits in memory; otherwise the
-    prompts go in file order. Prompts are left padded (data.collate_prompts), as minirlhf.generation
+    prompts go in file order. Prompts are left padded (batching.collate_prompts), as minirlhf.generation
     expects. One seeded generator draws every sample, batch after batch.
     """
     import torch
     from tqdm import tqdm
 
-    from minirlhf.data import collate_prompts
+    from minirlhf.batching import collate_prompts
 
     device = model.embed_tokens.weight.device
     work = [(p, s) for p in prompts for s in range(samples) if (p.index, s) not in skip]
@@ -182,7 +183,7 @@ def answer_row(prompt: Prompt, answer: Answer, answer_field: str) -> dict:
 
 
 def check_field_clash(prompts: Sequence[Prompt], path: str | Path, answer_field: str) -> None:
-    from minirlhf.data import DataError
+    from minirlhf.data_files import DataError
 
     added = (answer_field, *ADDED_FIELDS)
     for p in prompts:

@@ -46,7 +46,7 @@ def _per_answer(answers: dict[Key, Answer], batch_size: int,
 def reward_model_scores(rm: "RewardModel", prompts: dict[int, Prompt], answers: dict[Key, Answer], pad_id: int,
                         batch_size: int) -> dict[Key, float]:
     """The reward model's score of each prompt + answer (+ stop token), read at the last token."""
-    from minirlhf.data import collate_prompts
+    from minirlhf.batching import collate_prompts
 
     device = rm.head.weight.device
 
@@ -60,7 +60,7 @@ def reward_model_scores(rm: "RewardModel", prompts: dict[int, Prompt], answers: 
 def answer_logprobs(model: "Transformer", prompts: dict[int, Prompt], answers: dict[Key, Answer], pad_id: int,
                     batch_size: int) -> dict[Key, float]:
     """log p(answer | prompt) = sum_t log p(y_t | x, y_<t) over the answer's tokens (stop token included)."""
-    from minirlhf.data import collate_sft
+    from minirlhf.batching import collate_sft
     from minirlhf.logprobs import sequence_logprobs
     from minirlhf.losses import IGNORE_INDEX
 
@@ -143,7 +143,9 @@ def perplexity_documents(model: "Transformer", tok: "Tokenizer", path: str | Pat
     import torch
 
     from minirlhf.config import DataSection
-    from minirlhf.data import DataError, collate_sft, encode_sft, encode_text, load_examples, read_all
+    from minirlhf.batching import collate_sft
+    from minirlhf.data import encode_sft, encode_text, load_examples
+    from minirlhf.data_files import DataError, read_all
     from minirlhf.logprobs import sequence_logprobs
 
     window = model.config.max_position_embeddings
