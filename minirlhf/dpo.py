@@ -65,7 +65,8 @@ from minirlhf.model import Transformer
 from minirlhf.sft import PolicyStage
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import ConfigError
-from minirlhf.trainer import autocast_for, fsync_files
+from minirlhf.checkpointing import fsync_files
+from minirlhf.trainer import autocast_for
 
 logger = logging.getLogger(__name__)
 

@@ -9,3 +9,8 @@ names the file, line, section or key at fault.
 
 class UserError(Exception):
     """A problem with what the user gave us, explained in one line."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on: a non-finite or diverged loss (trainer.py), a checkpoint that does not fit the
+    run or cannot be read (checkpointing.py)."""

@@ -87,7 +87,8 @@ from minirlhf.rollout import (
 from minirlhf.sft import save_policy
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import ConfigError
-from minirlhf.trainer import Stage, StepResult, Trainer, TrainingError, decay_groups
+from minirlhf.errors import TrainingError
+from minirlhf.trainer import Stage, StepResult, Trainer, decay_groups
 
 logger = logging.getLogger(__name__)
 

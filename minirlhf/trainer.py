@@ -6,13 +6,10 @@ atomic checkpoints with exact resume, Ctrl-C, and stopping on a non-finite or di
 
     step = one optimizer update = grad_accum micro-batches (ppo: one rollout and its PPO epochs)
 
-Checkpoints live in OUTPUT/checkpoints/step-NNNNNNN/ and hold everything that changes during
-training: the trainable weights (all of them, or the LoRA adapter), optimizer state, the RNG states,
-the data position and whatever the stage keeps (e.g. ppo's KL controller), as safetensors and JSON
-(train_state.py: nothing on disk is unpickled). A checkpoint is written to a temporary folder and
-renamed into place, so a kill mid-save leaves the previous checkpoint intact. The step counter, data
-position, RNG and weights of a checkpoint always belong together: a Ctrl-C that arrives while the
-weights are being updated is held back until the step is complete (see `DeferredInterrupt`).
+Checkpoints (checkpointing.py) live in OUTPUT/checkpoints/step-NNNNNNN/ and hold everything that changes
+during training. The step counter, data position, RNG and weights of a checkpoint always belong together:
+a Ctrl-C that arrives while the weights are being updated is held back until the step is complete (see
+`DeferredInterrupt`).
 """
 
 from __future__ import annotations
@@ -21,8 +18,6 @@ import json
 import logging
 import math
 import os
-import random
-import shutil
 import signal
 import threading
 import time
@@ -31,30 +26,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from minirlhf.hf_checkpoint import save_safetensors
+from minirlhf.checkpointing import (
+    STATE_FORMAT,
+    load_checkpoint,
+    partial_path,
+    resume_path,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    trainable_names,
+)
 from minirlhf.config import Config
-from minirlhf.errors import UserError
-from minirlhf.run_dir import OutputDir, OutputDirError, checkpoint_dirs, claim_output_dir
-from minirlhf.train_state import load_tree, rng_state, save_tree, set_rng_state
+from minirlhf.errors import TrainingError
+from minirlhf.run_dir import OutputDir, OutputDirError, claim_output_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Stage", "StepResult", "Trainer", "TrainingError", "autocast_for", "checkpoint_dirs", "decay_groups",
-           "has_diverged", "lr_factor", "plot_metrics", "seed_everything"]
+__all__ = ["Stage", "StepResult", "Trainer", "TrainingError", "autocast_for", "decay_groups", "has_diverged",
+           "lr_factor", "plot_metrics"]
 
-STATE_FORMAT = 2  # 1: state.pt (a pickle, no longer read); 2: state.json + safetensors
 DIVERGENCE_PATIENCE = 3  # consecutive logged losses
-
-
-class TrainingError(UserError, RuntimeError):
-    """Training cannot go on (a non-finite loss, a checkpoint that does not fit the run)."""
 
 
 @dataclass
@@ -183,14 +180,7 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 
 # --------------------------------------------------------------------------------------------------
-# RNG, divergence, interrupts
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's, numpy's and torch's global RNGs (and CUDA's, through torch.manual_seed)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+# divergence, interrupts
 
 
 def has_diverged(losses: list[float], chance: float, patience: int = DIVERGENCE_PATIENCE) -> bool:
@@ -249,21 +239,6 @@ class DeferredInterrupt:
         pending, self.pending = self.pending, False
         if pending and raise_pending:
             raise KeyboardInterrupt
-
-
-# --------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def fsync_files(files) -> None:
-    """Make the bytes durable before a rename publishes them."""
-    for f in files:
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 class Trainer:
@@ -390,90 +365,19 @@ class Trainer:
         return {"step": self.step, "scheduler_steps": self.scheduler.last_epoch, "rng": rng_state(),
                 "data": self.stage.batches.state_dict(), "stage_state": self.stage.state_dict()}
 
-    def _run_state(self, boundary: dict[str, Any]) -> dict[str, Any]:
-        """What state.json holds: the boundary (less RNG, which goes per rank under torchrun) and what the
-        checkpoint was written for (stage, trainable parameter names), checked on resume."""
-        names = sorted(n for n, p in self.stage.model.named_parameters() if p.requires_grad)
-        return {"format": STATE_FORMAT, "stage": self.cfg.stage, "trainable": names,
-                **{k: v for k, v in boundary.items() if k != "rng"}}
-
     def save_checkpoint(self, boundary: dict[str, Any] | None = None) -> Path:
-        """Write step-N atomically (temporary folder, then rename) and keep the last K. A failed write
-        leaves the previous checkpoints as they were and stops with a one-line error."""
+        """Write the checkpoint of `boundary` (default: now) atomically and keep the last K (checkpointing.py).
+        A failed write leaves the previous checkpoints as they were and stops with a one-line error."""
         boundary = boundary or self._resumable_state()
-        root = self.out / "checkpoints"
-        final = root / f"step-{boundary['step']:07d}"
-        tmp = root / f".tmp-step-{boundary['step']:07d}"
-        try:
-            with self.writing(tmp):
-                if self.dist is not None:
-                    self._save_sharded(tmp, final, boundary)
-                else:
-                    self._save_single(tmp, final, boundary)
-        except BaseException:
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # what state.json holds: the boundary (less RNG, which goes per rank under torchrun) and what the
+        # checkpoint was written for (stage, trainable parameter names), checked on resume
+        state = {"format": STATE_FORMAT, "stage": self.cfg.stage, "trainable": trainable_names(self.stage.model),
+                 **{k: v for k, v in boundary.items() if k != "rng"}}
+        with self.writing(partial_path(self.out, boundary["step"])):
+            final = save_checkpoint(self.out, state, boundary["rng"], self.stage.model, self.optimizer,
+                                    self.cfg.train.keep_last, self.dist)
         self.last_checkpoint = final
         return final
-
-    def _save_single(self, tmp: Path, final: Path, boundary: dict[str, Any]) -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_safetensors(trainable_state(self.stage.model), tmp / "trainable.safetensors")
-        save_tree(self.optimizer.state_dict(), tmp, "optimizer")
-        save_tree({**self._run_state(boundary), "rng": boundary["rng"]}, tmp, "state")
-        fsync_files(tmp.iterdir())
-        self._publish(tmp, final)
-
-    def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename a complete checkpoint folder into place (atomic), then drop all but the last K."""
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(self.out)[: -self.cfg.train.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _save_sharded(self, tmp: Path, final: Path, boundary: dict[str, Any]) -> None:
-        """The torchrun version: every rank writes its shards (DCP) and RNG state into the temporary
-        folder, rank 0 the run state; after a barrier rank 0 renames it into place."""
-        from minirlhf import distributed
-
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.dist.barrier()
-        distributed.save_sharded(tmp, self.stage.model, self.optimizer)
-        files = save_tree(boundary["rng"], tmp, f"rng-{self.dist.rank}")
-        if self.is_main:
-            save_tree({**self._run_state(boundary), "world_size": self.dist.world_size}, tmp, "state")
-            files = list(tmp.iterdir())
-        fsync_files(files)
-        self.dist.barrier()
-        if self.is_main:
-            self._publish(tmp, final)
-        self.dist.barrier()
-
-    def _read(self, path: Path, read):
-        """read() of a checkpoint's files, a damaged file becoming a one-line error."""
-        try:
-            return read()
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:  # RuntimeError: shapes
-            raise TrainingError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-
-    def _check_fits(self, path: Path, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another format, another stage, or other trainable parameters (LoRA vs full)."""
-        if state.get("format") != STATE_FORMAT:
-            raise TrainingError(f"{path}: checkpoint format {state.get('format')}, this minirlhf reads format "
-                                f"{STATE_FORMAT}")
-        if state.get("stage") != self.cfg.stage:
-            raise TrainingError(f"{path}: a checkpoint of a {state.get('stage')} run cannot resume this "
-                                f"{self.cfg.stage} run (start from that run's exported model: [model] path)")
-        trainable = {n for n, p in self.stage.model.named_parameters() if p.requires_grad}
-        saved = set(state.get("trainable", []))
-        if saved != trainable:
-            missing, extra = sorted(trainable - saved), sorted(saved - trainable)
-            raise TrainingError(f"{path}: checkpoint does not fit this run's trainable parameters "
-                                f"(missing {missing[:5]}, unexpected {extra[:5]})")
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizer moments, RNG, data position, stage state and step from `path`.
@@ -481,21 +385,8 @@ class Trainer:
         The optimizer's hyperparameters (lr, betas, eps, weight_decay) and the schedule are this run's
         config, not the checkpoint's: resuming with `--set train.lr=...` trains on at the new peak lr,
         `steps_done` into the schedule, as config.toml (rewritten at each start) then says."""
-        from minirlhf.distributed import is_sharded_checkpoint
-
         path = Path(path)
-        if not (path / "state.json").exists():
-            if (path / "state.pt").exists():
-                raise TrainingError(f"{path}: written by an older minirlhf (state.pt, a pickle), which is not "
-                                    f"read because unpickling can run arbitrary code; start afresh")
-            raise TrainingError(f"{path}: not a checkpoint (no state.json)")
-        state = self._read(path, lambda: load_tree(path, "state"))
-        self._check_fits(path, state)
-        if is_sharded_checkpoint(path):
-            rng = self._load_sharded(path, state)
-        else:
-            rng = state["rng"]
-            self._read(path, lambda: self._load_single(path))
+        state, rng = load_checkpoint(path, self.cfg.stage, self.stage.model, self.optimizer, self.dist)
         for group, settings in zip(self.optimizer.param_groups, self._group_settings):
             group.update(settings)
         self.scheduler = self._make_scheduler(state["scheduler_steps"])
@@ -511,46 +402,6 @@ class Trainer:
         self.step = state["step"]
         self.last_checkpoint = path
         logger.info("resumed from %s at step %d", path, self.step)
-
-    def _load_single(self, path: Path) -> None:
-        weights = load_file(path / "trainable.safetensors")
-        params = dict(self.stage.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
-        self.optimizer.load_state_dict(load_tree(path, "optimizer"))
-
-    def _load_sharded(self, path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
-        """Shards from a DCP checkpoint, on any world size (or in a plain process); returns this rank's
-        saved RNG state, None when the saving run had fewer ranks."""
-        from minirlhf import distributed
-
-        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
-        try:
-            distributed.load_sharded(path, self.stage.model, self.optimizer)
-        except (Exception, CheckpointException) as e:  # DCP names the first missing key or mismatched shape
-            last = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # DCP's message holds a traceback
-            raise TrainingError(f"{path}: sharded checkpoint does not fit this run or is damaged: {last}") from e
-        name = f"rng-{self.dist.rank if self.dist is not None else 0}"
-        if not (path / f"{name}.json").exists():
-            return None
-        return self._read(path, lambda: load_tree(path, name))
-
-    def _resume_path(self) -> Path | None:
-        resume = self.cfg.train.resume
-        if not resume:
-            return None
-        if resume == "auto":
-            found = checkpoint_dirs(self.out)
-            if not found:
-                raise TrainingError(f"--resume: nothing to resume in {self.out} (no checkpoint under "
-                                    f"{self.out / 'checkpoints'})")
-            return found[-1]
-        path = Path(resume)
-        if not path.is_dir():
-            raise TrainingError(f"[train] resume: {path} is not a checkpoint folder")
-        return path
 
     # -- logging -------------------------------------------------------------------------------
 
@@ -618,7 +469,7 @@ class Trainer:
             with self.writing(self.out / "config.toml"):
                 self.cfg.save(self.out)
         seed_everything(t.seed + 1000 * rank)  # ranks sample (dropout, ppo answers) independently
-        resume = self._resume_path()
+        resume = resume_path(self.out, t.resume)
         if resume is not None:
             self.load_checkpoint(resume)
         if self.dist is not None:

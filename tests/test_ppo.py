@@ -40,7 +40,8 @@ from minirlhf.ppo import (
 from minirlhf.rollout import Rollout, generate_rollout, response_logprobs, text_scorer
 from minirlhf.tokenizer import train_sentencepiece
 from minirlhf.run_dir import OutputDirError, claim_output_dir
-from minirlhf.trainer import Trainer, TrainingError
+from minirlhf.errors import TrainingError
+from minirlhf.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_KEYS = ("time/generate", "time/score", "time/train", "time/step", "tokens_per_s")

@@ -12,7 +12,9 @@ from minirlhf import sft
 from minirlhf.config import load_config
 from minirlhf.tokenizer import train_sentencepiece
 from minirlhf.run_dir import OutputDirError
-from minirlhf.trainer import Trainer, TrainingError, checkpoint_dirs, has_diverged, lr_factor
+from minirlhf.checkpointing import checkpoint_dirs
+from minirlhf.errors import TrainingError
+from minirlhf.trainer import Trainer, has_diverged, lr_factor
 
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
 
@@ -117,18 +119,18 @@ def test_full_disk_mid_save_keeps_previous_checkpoint(workspace, tmp_path, monke
     naming the file and the last good checkpoint; that checkpoint is intact, the half-written one gone."""
     import errno
 
-    from minirlhf import trainer as trainer_module
+    from minirlhf import checkpointing
 
     cfg = make_config(workspace, tmp_path / "c", "train.save_every=2", "train.max_steps=4")
     trainer = Trainer(cfg, sft.build_stage(cfg))
-    real_save = trainer_module.save_tree
+    real_save = checkpointing.save_tree
 
     def full_disk(tree, folder, name):
         if name == "state" and tree.get("step") == 4:
             raise OSError(errno.ENOSPC, "No space left on device", str(folder / "state.json"))
         return real_save(tree, folder, name)
 
-    monkeypatch.setattr(trainer_module, "save_tree", full_disk)
+    monkeypatch.setattr(checkpointing, "save_tree", full_disk)
     with pytest.raises(OutputDirError) as info:
         trainer.fit()
     assert str(info.value) == (f"cannot write {tmp_path / 'c/checkpoints/.tmp-step-0000004/state.json'}: No space "
@@ -232,7 +234,7 @@ class SimulatedCtrlC:
     during its evaluation, or during its checkpoint."""
 
     def __init__(self, where: str, monkeypatch, stage, trainer):
-        from minirlhf import trainer as trainer_module
+        from minirlhf import checkpointing
 
         self.where, self.count = where, 0
         if where == "loss":
@@ -248,8 +250,8 @@ class SimulatedCtrlC:
             real_eval = type(stage).evaluate
             monkeypatch.setattr(type(stage), "evaluate", lambda s, t: self.hit(3) or real_eval(s, t))
         elif where == "save":
-            real_fsync = trainer_module.fsync_files
-            monkeypatch.setattr(trainer_module, "fsync_files", lambda files: self.hit(1) or real_fsync(files))
+            real_fsync = checkpointing.fsync_files
+            monkeypatch.setattr(checkpointing, "fsync_files", lambda files: self.hit(1) or real_fsync(files))
 
     def hit(self, n: int, signal_: bool = False) -> None:
         import os

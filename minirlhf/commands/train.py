@@ -88,7 +88,7 @@ def build_stage(cfg, device, ctx=None):
     import torch
 
     from minirlhf import distributed
-    from minirlhf.trainer import seed_everything
+    from minirlhf.checkpointing import seed_everything
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
