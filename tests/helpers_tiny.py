@@ -16,7 +16,8 @@ import torch
 
 from minirlhf.config import Config, load_config
 from minirlhf.model import ModelConfig, Transformer
-from minirlhf.tokenizer import Tokenizer, train_sentencepiece
+from minirlhf.tokenizer import Tokenizer
+from minirlhf.tokenizer_training import train_sentencepiece
 
 TOPICS = ("kettle", "movie", "hotel", "pizza", "camera", "garden", "novel", "phone", "album", "bicycle",
           "coffee", "museum", "jacket", "lamp", "sofa", "tent")

@@ -461,7 +461,7 @@ def sp_tokenizer(tmp_path_factory):
     loaded by Hugging Face transformers as the independent renderer."""
     from transformers import AutoTokenizer
 
-    from minirlhf.tokenizer import train_sentencepiece
+    from minirlhf.tokenizer_training import train_sentencepiece
     out = tmp_path_factory.mktemp("sp")
     texts = [f"the quick brown fox jumps over the lazy dog {i} times" for i in range(200)] + ["how are you?"] * 20
     tok = train_sentencepiece(texts, str(out), vocab_size=360, chat_template="chatml")

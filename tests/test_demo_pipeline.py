@@ -14,7 +14,7 @@ import pytest
 import train
 from minirlhf.demo.data import generate_demo_data, tokenizer_corpus
 from minirlhf.demo.evaluate import evaluate_dir
-from minirlhf.tokenizer import train_sentencepiece
+from minirlhf.tokenizer_training import train_sentencepiece
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 

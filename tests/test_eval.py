@@ -25,7 +25,7 @@ from minirlhf.commands.sampling import Sampling
 from minirlhf.losses import IGNORE_INDEX
 from minirlhf.heads import RewardModel
 from minirlhf.model import Transformer
-from minirlhf.tokenizer import train_sentencepiece
+from minirlhf.tokenizer_training import train_sentencepiece
 
 REWARD_FUNCTIONS = '''
 def starts_with_answer(prompts, completions, answer, **fields):

@@ -267,7 +267,7 @@ def demo_sft(root: Path) -> dict[str, Path]:
     """Demo data, tokenizer, and a short pt (120 steps) -> sft (150 steps), as test_demo_pipeline builds them."""
     import train
     from minirlhf.demo.data import generate_demo_data, tokenizer_corpus
-    from minirlhf.tokenizer import train_sentencepiece
+    from minirlhf.tokenizer_training import train_sentencepiece
 
     data = generate_demo_data(root / "data", sizes={"pt": 1500, "sft": 2000})
     train_sentencepiece(tokenizer_corpus(), str(root / "tok"), vocab_size=1024)

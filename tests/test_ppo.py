@@ -38,7 +38,7 @@ from minirlhf.ppo import (
     build_stage,
 )
 from minirlhf.rollout import Rollout, generate_rollout, response_logprobs, text_scorer
-from minirlhf.tokenizer import train_sentencepiece
+from minirlhf.tokenizer_training import train_sentencepiece
 from minirlhf.run_dir import OutputDirError, claim_output_dir
 from minirlhf.errors import TrainingError
 from minirlhf.trainer import Trainer

@@ -28,7 +28,8 @@ from transformers import AutoTokenizer
 
 from minirlhf.bpe import bytes_to_unicode
 from minirlhf.chat_template import builtin_template
-from minirlhf.tokenizer import TokenizerError, load_tokenizer, train_sentencepiece
+from minirlhf.tokenizer import TokenizerError, load_tokenizer
+from minirlhf.tokenizer_training import train_sentencepiece
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")

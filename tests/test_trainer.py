@@ -10,7 +10,7 @@ import torch
 
 from minirlhf import sft
 from minirlhf.config import load_config
-from minirlhf.tokenizer import train_sentencepiece
+from minirlhf.tokenizer_training import train_sentencepiece
 from minirlhf.run_dir import OutputDirError
 from minirlhf.checkpointing import checkpoint_dirs
 from minirlhf.errors import TrainingError

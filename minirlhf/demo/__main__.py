@@ -26,7 +26,7 @@ PIPELINE = ("pt", "sft", "rm", "dpo", "kto", "ppo")
 def prepare(vocab_size: int = 1024) -> None:
     """Generate the task's data files and train its SentencePiece tokenizer (once)."""
     from minirlhf.demo.data import generate_demo_data, tokenizer_corpus
-    from minirlhf.tokenizer import train_sentencepiece
+    from minirlhf.tokenizer_training import train_sentencepiece
 
     if not (OUT / "data" / "eval_prompts.jsonl").exists():
         generate_demo_data(OUT / "data")
