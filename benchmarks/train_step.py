@@ -39,7 +39,8 @@ import transformers
 from results import RESULTS, ROOT, append_rows, cpu_name, today, versions
 
 sys.path.insert(0, str(ROOT))
-from minirlhf.logprobs import IGNORE, causal_lm_loss
+from minirlhf.logprobs import causal_lm_loss
+from minirlhf.losses import IGNORE_INDEX
 from minirlhf.model import ModelConfig, Transformer
 
 SMALL = {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
@@ -59,7 +60,7 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, tor
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (batch, seq), generator=g)
     labels = ids.clone()
-    labels[:, : seq // 4] = IGNORE
+    labels[:, : seq // 4] = IGNORE_INDEX
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
@@ -71,7 +72,7 @@ def plain_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tens
     logits = model(batch["input_ids"])  # (B, T, V)
     V = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, V), batch["labels"][:, 1:].reshape(-1),
-                           ignore_index=IGNORE)
+                           ignore_index=IGNORE_INDEX)
 
 
 def hf_loss(model: transformers.PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
