@@ -206,7 +206,7 @@ def test_a_lora_run_names_its_base_so_its_output_loads_alone(tmp_path, tiny):
     from, so `minirlhf chat --model <run>` / load_policy find the base without --adapter."""
     from helpers_tiny import answer, prompt, tiny_config
 
-    from minirlhf import sft
+    from minirlhf.stages import sft
     from minirlhf.trainer import Trainer
 
     rows = [{"instruction": prompt(i), "output": answer(i, True)} for i in range(8)]

@@ -18,7 +18,7 @@ import torch
 
 from helpers_tiny import (answer, preference_rows, prompt, tiny_config, tiny_model_config, tiny_model_dir,
                           tiny_tokenizer, write_jsonl)
-from minirlhf import sft
+from minirlhf.stages import sft
 from minirlhf.batching import BatchIterator
 from minirlhf.distributed import meta_copy
 from minirlhf.heads import RewardModel

@@ -1,4 +1,4 @@
-"""minirlhf.dpo: the dpo-family step against losses.py on float64 log-probs, reference handling
+"""minirlhf.stages.dpo: the dpo-family step against losses.py on float64 log-probs, reference handling
 (precomputed = live = the starting model; LoRA's reference = the base model), learning, and train.py.
 """
 
@@ -20,7 +20,8 @@ from helpers_tiny import (
     write_jsonl,
 )
 
-from minirlhf import dpo, losses
+from minirlhf import losses
+from minirlhf.stages import dpo
 from minirlhf.model import Transformer
 from minirlhf.trainer import Trainer
 
@@ -103,7 +104,7 @@ def test_precomputed_reference_equals_live_and_the_start_model(tiny, caplog):
     cache = tiny["dir"] / "ref-pre" / "reference_logps"
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 2 and files[0].startswith("eval-") and files[1].startswith("train-")
-    with caplog.at_level(logging.INFO, logger="minirlhf.dpo"):
+    with caplog.at_level(logging.INFO, logger="minirlhf.stages.dpo"):
         again, _ = make_stage(tiny, "ref-pre")
     assert sum("read from" in r.getMessage() for r in caplog.records) == 2
     assert again.collate(again.batches.examples[:5])["ref_chosen_logps"].equal(batch["ref_chosen_logps"])
@@ -142,7 +143,7 @@ def test_damaged_reference_cache_is_recomputed(tiny, caplog, damage):
     expected = first.collate(first.batches.examples)["ref_chosen_logps"]
     cached = next((tiny["dir"] / out / "reference_logps").glob("train-*.safetensors"))
     damage(cached)
-    with caplog.at_level(logging.WARNING, logger="minirlhf.dpo"):
+    with caplog.at_level(logging.WARNING, logger="minirlhf.stages.dpo"):
         again, _ = make_stage(tiny, out)
     assert any("recomputing" in r.getMessage() and str(cached) in r.getMessage() for r in caplog.records)
     torch.testing.assert_close(again.collate(again.batches.examples)["ref_chosen_logps"], expected)
@@ -163,7 +164,7 @@ def test_reference_cache_follows_the_umask_and_is_optional(tiny, caplog):
     blocked = tiny["dir"] / "cache-blocked"
     blocked.mkdir()
     (blocked / "reference_logps").write_text("a file where the cache folder would go")
-    with caplog.at_level(logging.WARNING, logger="minirlhf.dpo"):
+    with caplog.at_level(logging.WARNING, logger="minirlhf.stages.dpo"):
         again, _ = make_stage(tiny, "cache-blocked")
     assert any("not cached" in r.getMessage() for r in caplog.records)
     torch.testing.assert_close(again.collate(again.batches.examples)["ref_chosen_logps"],

@@ -22,10 +22,10 @@ from helpers_tiny import (
     write_jsonl,
 )
 
-from minirlhf import dpo, kto, ppo
+from minirlhf.stages import dpo, kto, ppo
 from minirlhf.heads import RewardModel
 from minirlhf.lora import lora_layers
-from minirlhf.rollout import response_logprobs, response_values
+from minirlhf.stages.rollout import response_logprobs, response_values
 from minirlhf.trainer import Trainer
 
 

@@ -1,4 +1,4 @@
-"""minirlhf.kto: the step against losses.kto_loss on float64 log-probs with mismatched pairs built
+"""minirlhf.stages.kto: the step against losses.kto_loss on float64 log-probs with mismatched pairs built
 here from the prompt/completion parts, the pairing itself (batch sizes 1 to 4), the class-balance
 warning, per-class metrics under accumulation and across ranks (TRL's names), the reference point
 pooled over ranks (a fake second rank, and torchrun on gloo), learning, and LoRA's reference = the
@@ -22,7 +22,8 @@ from helpers_tiny import (
     write_jsonl,
 )
 
-from minirlhf import kto, losses
+from minirlhf import losses
+from minirlhf.stages import kto
 from minirlhf.losses import IGNORE_INDEX
 from minirlhf.model import Transformer
 from minirlhf.trainer import Trainer
@@ -102,7 +103,7 @@ def test_kl_pairs_are_mismatched(tiny, B):
 
 
 def test_batch_of_one_warns_and_no_trailing_batch_of_one(tiny, caplog):
-    with caplog.at_level(logging.WARNING, logger="minirlhf.kto"):
+    with caplog.at_level(logging.WARNING, logger="minirlhf.stages.kto"):
         make_stage(tiny, "b1", "train.micro_batch_size=1")
     assert any("micro_batch_size = 1" in r.getMessage() for r in caplog.records)
     stage, _ = make_stage(tiny, "b4")  # 9 rows in batches of 4 would leave a batch of 1: dropped
@@ -137,7 +138,7 @@ def test_class_balance_warning(tiny, caplog):
     assert "1.500" in kto.check_class_balance(3, 2, 1.0, 1.0)  # 3 / 2 > 4/3
     assert "no undesirable" in kto.check_class_balance(3, 0, 1.0, 1.0)
     skewed = write_jsonl(tiny["dir"] / "skewed.jsonl", kto_rows(8, desirable_every=4))  # 2 vs 6
-    with caplog.at_level(logging.WARNING, logger="minirlhf.kto"):
+    with caplog.at_level(logging.WARNING, logger="minirlhf.stages.kto"):
         make_stage(tiny, "skewed", train=skewed)
     assert any("outside [1, 4/3]" in r.getMessage() for r in caplog.records)
 
@@ -231,7 +232,7 @@ import sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from minirlhf import kto
+from minirlhf.stages import kto
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 policy = torch.tensor([1.0, 2.0, 3.0]) if rank == 0 else torch.tensor([10.0])  # unequal micro-batches

@@ -29,7 +29,7 @@ from minirlhf.heads import RewardModel
 from minirlhf.lora import LoRALinear, ModulesToSave, disable_adapters, lora_layers
 from minirlhf.losses import gae, group_relative_advantages, leave_one_out_advantages
 from minirlhf.model import Transformer
-from minirlhf.ppo import (
+from minirlhf.stages.ppo import (
     AdaptiveKLController,
     FixedKLController,
     PPOStage,
@@ -37,7 +37,7 @@ from minirlhf.ppo import (
     advantages,
     build_stage,
 )
-from minirlhf.rollout import Rollout, generate_rollout, response_logprobs, text_scorer
+from minirlhf.stages.rollout import Rollout, generate_rollout, response_logprobs, text_scorer
 from minirlhf.tokenizer_training import train_sentencepiece
 from minirlhf.run_dir import OutputDirError, claim_output_dir
 from minirlhf.errors import TrainingError

@@ -1,4 +1,4 @@
-"""minirlhf.rm: the loss against losses.py on float64 scores from transformers, learning, and the saved
+"""minirlhf.stages.rm: the loss against losses.py on float64 scores from transformers, learning, and the saved
 reward model: transformers' AutoModelForSequenceClassification and our RewardModel reload it with the
 same scores (a head that silently reloads with random weights would fail), also when the tokenizer pads
 with its eos token, and its recorded score stats are the mean and std of those scores over the training
@@ -14,7 +14,8 @@ import torch
 import transformers
 from helpers_tiny import preference_rows, tiny_config, tiny_tokenizer, write_jsonl
 
-from minirlhf import losses, rm
+from minirlhf import losses
+from minirlhf.stages import rm
 from minirlhf.heads import NotARewardModel, RewardModel, export_pad_id
 from minirlhf.lora import lora_layers
 from minirlhf.tokenizer import load_tokenizer

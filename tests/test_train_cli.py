@@ -215,7 +215,7 @@ def test_info_lines_reach_stderr(tiny, tmp_path):
 
 
 def test_threads_are_set_before_the_stage_is_built(tiny, tmp_path, monkeypatch):
-    from minirlhf import sft
+    from minirlhf.stages import sft
 
     seen = []
     real_build = sft.build_stage

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from minirlhf import sft
+from minirlhf.stages import sft
 from minirlhf.config import load_config
 from minirlhf.tokenizer_training import train_sentencepiece
 from minirlhf.run_dir import OutputDirError

@@ -20,8 +20,8 @@ from minirlhf.errors import UserError
 HELP = "train one stage (pt, sft, rm, dpo, kto, ppo) from a TOML config"
 
 # each stage is one module with build_stage(cfg, device) -> trainer.Stage
-STAGE_MODULES = {"pt": "minirlhf.sft", "sft": "minirlhf.sft", "rm": "minirlhf.rm", "dpo": "minirlhf.dpo",
-                 "kto": "minirlhf.kto", "ppo": "minirlhf.ppo"}
+STAGE_MODULES = {"pt": "minirlhf.stages.sft", "sft": "minirlhf.stages.sft", "rm": "minirlhf.stages.rm",
+                 "dpo": "minirlhf.stages.dpo", "kto": "minirlhf.stages.kto", "ppo": "minirlhf.stages.ppo"}
 # stages whose build_stage(cfg, device, rank=r) reads the checkpoints on rank 0 only (the other ranks build
 # on the meta device, prepare_stage fills them); rm and ppo load their models on every rank
 RANK0_LOADING = {"pt", "sft", "dpo", "kto"}

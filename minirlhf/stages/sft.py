@@ -8,7 +8,6 @@ NEFTune (Jain et al. 2023, Algorithm 1) adds uniform noise to the input embeddin
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -21,7 +20,7 @@ from minirlhf.logprobs import causal_lm_loss
 from minirlhf.losses import IGNORE_INDEX
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.trainer import Stage
+from minirlhf.stages.common import PolicyStage
 
 
 def neftune_hook(alpha: float):
@@ -35,29 +34,6 @@ def neftune_hook(alpha: float):
         return output + torch.empty_like(output).uniform_(-scale, scale)
 
     return hook
-
-
-def save_policy(model: Transformer, tok: Tokenizer, out_dir: Path, base: str = "") -> None:
-    """A full HF-format model, or the LoRA adapter in PEFT's layout (naming `base`, the directory the
-    run started from, as its base model so that loaders find it), plus the tokenizer files."""
-    from minirlhf.lora import has_lora
-    from minirlhf.peft import save_adapter
-
-    if has_lora(model):
-        save_adapter(model, out_dir, base_model_name_or_path=base or None)
-    else:
-        model.save_pretrained(out_dir)
-    tok.save_pretrained(str(out_dir))
-
-
-class PolicyStage(Stage):
-    """A stage that trains a policy (pt, sft, dpo, kto): `model` and `tok`, saved by `save_policy`."""
-
-    model: Transformer
-    tok: Tokenizer
-
-    def save_final(self, out_dir: Path) -> None:
-        save_policy(self.model, self.tok, out_dir, self.cfg.model.path)
 
 
 class LanguageModelingStage(PolicyStage):

@@ -57,7 +57,7 @@ from minirlhf.config import Config
 from minirlhf.batching import BatchIterator, collate_prompts, collate_sft, pack_documents
 from minirlhf.data import build_datasets, encode_text, load_examples
 from minirlhf.distributed import all_mean, gather_cat, reshard, world_size
-from minirlhf.dpo import build_reference
+from minirlhf.stages.common import build_reference, save_policy
 from minirlhf.heads import NotARewardModel, RewardModel
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.lora import disable_adapters, has_lora, merge_and_unload
@@ -74,7 +74,7 @@ from minirlhf.losses import (
     ppo_value_loss,
 )
 from minirlhf.model import Transformer
-from minirlhf.rollout import (
+from minirlhf.stages.rollout import (
     RewardModelScorer,
     Rollout,
     ScoreFn,
@@ -84,7 +84,6 @@ from minirlhf.rollout import (
     response_logprobs,
     response_values,
 )
-from minirlhf.sft import save_policy
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import ConfigError
 from minirlhf.errors import TrainingError

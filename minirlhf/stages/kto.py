@@ -47,12 +47,11 @@ from minirlhf.config import Config
 from minirlhf.batching import BatchIterator, pad_to
 from minirlhf.data import build_datasets
 from minirlhf.distributed import gather_cat
-from minirlhf.dpo import Reference, build_reference
+from minirlhf.stages.common import PolicyStage, Reference, build_reference
 from minirlhf.logprobs import sequence_logprobs
 from minirlhf.losses import IGNORE_INDEX, kto_loss
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.sft import PolicyStage
 from minirlhf.trainer import StepResult
 
 logger = logging.getLogger(__name__)

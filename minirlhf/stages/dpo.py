@@ -16,10 +16,8 @@ beta * (average log pi) for simpo and orpo, which have no reference. Metrics car
 rewards/chosen, rewards/rejected, rewards/accuracies (mean of [reward_chosen > reward_rejected]),
 rewards/margins (mean of reward_chosen - reward_rejected), logps/chosen, logps/rejected (summed log-probs).
 
-The reference (sigmoid, hinge, ipo), with `Reference` below:
-  - [dpo] ref_model set: that model, frozen;
-  - else with LoRA: the policy itself with its adapters disabled (no second copy of the weights);
-  - else: a frozen copy of the starting model.
+The reference (sigmoid, hinge, ipo) is stages/common.py's `Reference`: [dpo] ref_model, else the policy
+with its adapters disabled under LoRA, else a frozen copy of the starting model.
 [dpo] reference = "precompute" runs the reference once over the train and eval pairs before training
 and caches the log-probs in OUTPUT/reference_logps/<hash>.safetensors, keyed by a hash of the tokenized
 pairs, the reference weights and the precision, so that a rerun or a resume reuses them and the
@@ -29,14 +27,12 @@ reference model is not held in memory while training. "live" recomputes them eve
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,26 +41,20 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from minirlhf.build import (
-    DTYPES,
     apply_lora,
     build_model,
     build_tokenizer,
     disable_dropout,
-    load_model,
-    prepare_backbone,
 )
 from minirlhf.hf_checkpoint import save_safetensors
 from minirlhf.config import Config
 from minirlhf.batching import BatchIterator
 from minirlhf.data import build_datasets
-from minirlhf.distributed import reshard
 from minirlhf.logprobs import pair_logprobs
-from minirlhf.lora import base_state_dict, disable_adapters, has_lora
 from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
-from minirlhf.sft import PolicyStage
+from minirlhf.stages.common import PolicyStage, Reference, build_reference
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.toml_fields import ConfigError
 from minirlhf.checkpointing import fsync_files
 from minirlhf.trainer import autocast_for
 
@@ -72,74 +62,6 @@ logger = logging.getLogger(__name__)
 
 REFERENCE_FREE = ("simpo", "orpo")
 SIDES = ("chosen", "rejected")
-
-
-# --------------------------------------------------------------------------------------------------
-# shared with kto.py and ppo.py: the reference model
-
-
-class Reference:
-    """The reference policy pi_ref: a frozen model, or the policy with its LoRA adapters disabled."""
-
-    def __init__(self, model: Transformer, adapters_off: bool, source: str):
-        self.model, self.adapters_off, self.source = model, adapters_off, source
-
-    def context(self):
-        if self.adapters_off:
-            return disable_adapters(self.model)
-        return nullcontext()
-
-    def frozen_modules(self) -> list[Transformer]:
-        """The reference's own model, when it has one (not when it is the policy with adapters off)."""
-        return [] if self.adapters_off else [self.model]
-
-    @torch.no_grad()
-    def run(self, fn: Callable[[Transformer], torch.Tensor | tuple], *args):
-        """fn(model, *args) under the reference, without gradient (eval mode for the duration). A sharded
-        frozen reference gives its gathered weights back afterwards (distributed.reshard)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.context():
-                return fn(self.model, *args)
-        finally:
-            self.model.train(was_training)
-            if not self.adapters_off:
-                reshard(self.model)
-
-    def fingerprint(self) -> str:
-        """A hash of the reference's weights as it runs (the base weights when it is the policy with its adapters
-        off), for cache keys."""
-        h = hashlib.blake2b(digest_size=16)
-        state = base_state_dict(self.model) if self.adapters_off else self.model.state_dict()
-        for name, t in sorted(state.items()):
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
-        return h.hexdigest()
-
-
-def build_reference(cfg: Config, tok: Tokenizer, policy: Transformer, ref_path: str, section: str,
-                    device: torch.device | str, rank: int | None = None) -> Reference:
-    """The reference of a policy (see the module docstring); call it before any training step.
-    A [section] ref_model goes through build.prepare_backbone like every model a stage builds (the tokenizer
-    must fit its embeddings) and must have the policy's vocabulary. rank: under torchrun, only rank 0 reads
-    a ref_model (see build.build_model)."""
-    if ref_path:
-        ref = prepare_backbone(cfg, tok, load_model(ref_path, DTYPES[cfg.model.dtype], device, rank), ref_path,
-                               section, "ref_model")
-        if ref.config.vocab_size != policy.config.vocab_size:
-            raise ConfigError(f"[{section}] ref_model {ref_path!r} has a vocabulary of {ref.config.vocab_size}, "
-                              f"the policy {policy.config.vocab_size}", section, "ref_model")
-        source = ref_path
-    elif has_lora(policy):
-        return Reference(policy, adapters_off=True, source="the policy with its adapters disabled")
-    else:
-        ref = copy.deepcopy(policy)
-        source = f"a frozen copy of {cfg.model.path or 'the fresh model'}"
-    ref.requires_grad_(False)
-    ref.eval()
-    ref.activation_checkpointing = False  # it never runs backward
-    return Reference(ref, adapters_off=False, source=source)
 
 
 # --------------------------------------------------------------------------------------------------
