@@ -12,7 +12,6 @@ resumable, shardable order in which they are read.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -155,13 +154,6 @@ def collate_prompts(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Te
     """ppo prompt batch, LEFT-padded for generation: input_ids, attention_mask [B, T]."""
     ids = [e["input_ids"] for e in examples]
     return {"input_ids": _pad(ids, pad_id, left=True), "attention_mask": _mask(ids, left=True)}
-
-
-def collator(stage: str, pad_id: int) -> Callable[[Sequence[dict]], dict[str, torch.Tensor]]:
-    """The collate function of a stage, with the pad id bound."""
-    fn = {"pt": collate_sft, "sft": collate_sft, "rm": collate_preference, "dpo": collate_preference,
-          "kto": collate_kto, "ppo": collate_prompts}[stage]
-    return functools.partial(fn, pad_id=pad_id)
 
 
 # ----------------------------------------------------------------------------- resumable iteration

@@ -82,19 +82,6 @@ def load_model(path: str, dtype: torch.dtype | None, device: torch.device | str,
     return pretrained_skeleton(path, dtype=dtype)
 
 
-def longest_sequence(cfg: Config) -> tuple[int, str, str]:
-    """The most tokens one row of this run can hold, and the [section] key that sets it: block_size for pt
-    (and sft packing), the prompt plus [ppo] max_new_tokens for ppo, cutoff_len otherwise."""
-    if cfg.stage == "pt" or (cfg.stage == "sft" and cfg.sft.packing):
-        return cfg.data.block_size, "data", "block_size"
-    if cfg.stage == "ppo":
-        rollout = cfg.data.cutoff_len + cfg.ppo.max_new_tokens
-        if cfg.ppo.ptx_coef > 0 and cfg.data.block_size > rollout:
-            return cfg.data.block_size, "data", "block_size"
-        return rollout, "ppo", "max_new_tokens"
-    return cfg.data.cutoff_len, "data", "cutoff_len"
-
-
 def prepare_backbone(cfg: Config, tok: Tokenizer, model: Transformer, source: str, section: str = "model",
                      key: str = "tokenizer") -> Transformer:
     """Check the tokenizer fits the embeddings and, for GPT-2's learned positions, that the run's longest
@@ -108,7 +95,7 @@ def prepare_backbone(cfg: Config, tok: Tokenizer, model: Transformer, source: st
             f"{entry} the tokenizer at {cfg.model.tokenizer_path!r} has {tok.vocab_size} tokens but the model "
             f"{source or '(fresh)'} only {model.config.vocab_size} embeddings", section, key)
     table = model.config.max_position_embeddings
-    longest, length_section, length_key = longest_sequence(cfg)
+    longest, length_section, length_key = cfg.stage_sections[cfg.stage].longest_row(cfg)
     if model.config.is_gpt2 and longest > table:
         where = f"{Path(source) / 'config.json'} n_positions" if source else "[model.init] max_position_embeddings"
         of = f"[data] cutoff_len + [ppo] max_new_tokens = {longest}" if length_key == "max_new_tokens" else \

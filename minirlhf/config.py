@@ -8,7 +8,7 @@ A config file has one table per concern and one per stage:
     [data]    files, format, field names, cutoff_len, block_size, eval split, seed ...
     [train]   optimizer, schedule, batch sizes, precision, checkpoints, logging
     [lora]    LoRA adapters
-    [pt] [sft] [rm] [dpo] [kto] [ppo]   stage hyperparameters
+    [pt] [sft] [rm] [dpo] [kto] [ppo]   stage hyperparameters, each defined by its stage (minirlhf/stages)
 
 Every field has a default and a one-line `help` in its metadata; `default_toml()` renders them all as a
 commented TOML file and `iter_fields()` yields rows for documentation tables. Loading is strict: an
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from minirlhf import toml_fields
+from minirlhf.stages import STAGES, new_sections, spec
 from minirlhf.toml_fields import (
     ConfigError,
     apply_override,
@@ -41,18 +42,6 @@ from minirlhf.toml_fields import (
     toml_type,
     toml_value,
 )
-
-STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo")
-
-# data formats each stage can read ("auto" picks the stage's natural format, see minirlhf/data.py)
-STAGE_FORMATS = {
-    "pt": ("auto", "text"),
-    "sft": ("auto", "alpaca", "sharegpt"),
-    "rm": ("auto", "preference"),
-    "dpo": ("auto", "preference"),
-    "kto": ("auto", "kto"),
-    "ppo": ("auto", "prompt"),
-}
 
 
 # ----------------------------------------------------------------------------- sections
@@ -141,8 +130,9 @@ class DataSection:
 
     def validate(self) -> None:
         s = self.section
-        check_choice(s, "format", self.format,
-                     ("auto", "text", "alpaca", "sharegpt", "preference", "kto", "prompt"))
+        from minirlhf.data import FORMATS
+
+        check_choice(s, "format", self.format, ("auto", *FORMATS))
         for key in ("text_field", "instruction_field", "input_field", "output_field", "system_field",
                     "prompt_field", "chosen_field", "rejected_field", "completion_field", "label_field"):
             check(bool(getattr(self, key)), s, key, "a non-empty column name", getattr(self, key))
@@ -254,184 +244,36 @@ class LoraSection:
             check(bool(name), s, "modules_to_save", "a list of module names", self.modules_to_save)
 
 
-@dataclass
-class PTSection:
-    section = "pt"
-    add_bos: bool = setting(False, "start every document with the tokenizer's BOS token (when it has one)")
-
-    def validate(self) -> None:
-        pass  # a single boolean: the type check in load_config is the whole validation
-
-
-@dataclass
-class SFTSection:
-    section = "sft"
-    neftune_alpha: float = setting(0.0, "NEFTune noise scale alpha (Jain et al. 2023, Alg. 1); 0 = off")
-    packing: bool = setting(False, "pack several examples into each block_size row (no attention across them)")
-
-    def validate(self) -> None:
-        check(self.neftune_alpha >= 0, self.section, "neftune_alpha", ">= 0", self.neftune_alpha)
-
-
-@dataclass
-class RMSection:
-    section = "rm"
-    loss: str = setting("log_sig", "pairwise loss: log_sig = -log sigmoid(r_c - r_r - m) (InstructGPT eq. 1), "
-                                   "log_exp = log(1 + exp(r_r - r_c + m))")
-    margin_field: str = setting("", "column with a per-pair margin m (Llama 2 eq. 2); empty = no margin")
-    center_rewards_coef: float = setting(0.0, "weight of the (r_c + r_r)^2 penalty keeping rewards centred "
-                                              "(Eisenstein et al. 2023); 0 = off")
-
-    def validate(self) -> None:
-        check_choice(self.section, "loss", self.loss, ("log_sig", "log_exp"))
-        check(self.center_rewards_coef >= 0, self.section, "center_rewards_coef", ">= 0",
-              self.center_rewards_coef)
-
-
-@dataclass
-class DPOSection:
-    section = "dpo"
-    loss_type: str = setting("sigmoid", "sigmoid (DPO) | hinge (SLiC) | ipo | simpo | orpo")
-    beta: float = setting(0.1, "inverse temperature of the implicit reward (orpo: weight lambda of the odds-ratio "
-                               "term)")
-    label_smoothing: float = setting(0.0, "conservative DPO: assumed probability that a label is flipped "
-                                          "(sigmoid only)")
-    simpo_gamma: float = setting(0.5, "SimPO target reward margin gamma (Meng et al. 2024, eq. 6)")
-    reference: str = setting("precompute", "reference log-probs: precompute (one pass before training) | live")
-    ref_model: str = setting("", "reference model directory; empty = the starting model ([model] path)", path=True)
-
-    def validate(self) -> None:
-        s = self.section
-        check_choice(s, "loss_type", self.loss_type, ("sigmoid", "hinge", "ipo", "simpo", "orpo"))
-        check(self.beta > 0, s, "beta", "> 0", self.beta)
-        check(0.0 <= self.label_smoothing < 0.5, s, "label_smoothing", "in [0, 0.5)", self.label_smoothing)
-        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
-            raise ConfigError(f"[{s}] label_smoothing must be 0 unless loss_type = \"sigmoid\", got "
-                              f"{toml_value(self.label_smoothing)} with loss_type = "
-                              f"{toml_value(self.loss_type)}", s, "label_smoothing")
-        check(self.simpo_gamma >= 0, s, "simpo_gamma", ">= 0", self.simpo_gamma)
-        check_choice(s, "reference", self.reference, ("precompute", "live"))
-
-
-@dataclass
-class KTOSection:
-    section = "kto"
-    beta: float = setting(0.1, "inverse temperature of the implicit reward (Ethayarajh et al. 2024, eq. 8)")
-    desirable_weight: float = setting(1.0, "lambda_D, weight of desirable examples")
-    undesirable_weight: float = setting(1.0, "lambda_U, weight of undesirable examples")
-    balanced_batches: bool = setting(True, "every micro-batch holds desirable and undesirable examples in the data's "
-                                           "proportion (as the KTO authors' loader); false = plain shuffle (as TRL)")
-    ref_model: str = setting("", "reference model directory; empty = the starting model ([model] path)", path=True)
-
-    def validate(self) -> None:
-        for key in ("beta", "desirable_weight", "undesirable_weight"):
-            check(getattr(self, key) > 0, self.section, key, "> 0", getattr(self, key))
-
-
-@dataclass
-class PPOSection:
-    section = "ppo"
-    reward_model: str = setting("", "reward model directory (output of the rm stage); required", path=True)
-    critic_model: str = setting("", "critic initialisation; empty = the reward model", path=True)
-    ref_model: str = setting("", "reference policy for the KL penalty; empty = the starting model", path=True)
-    prompts_per_rollout: int = setting(64, "prompts sampled per rollout")
-    samples_per_prompt: int = setting(1, "completions generated per prompt")
-    minibatch_size: int = setting(16, "rollout sequences per optimizer step")
-    micro_batch_size: int = setting(4, "sequences per forward/backward (train.micro_batch_size is not used by ppo)")
-    ppo_epochs: int = setting(1, "passes over each rollout")
-    clip_eps: float = setting(0.2, "policy ratio clip epsilon (Schulman et al. 2017, eq. 7)")
-    value_clip_eps: float = setting(0.2, "value clip range around the rollout values; 0 = no value clipping")
-    gamma: float = setting(1.0, "discount factor")
-    lam: float = setting(0.95, "GAE lambda (Schulman et al. 2016, eq. 16)")
-    kl_coef: float = setting(0.05, "initial KL penalty coefficient beta (Ziegler et al. 2019, eq. 2)")
-    adaptive_kl: bool = setting(False, "adapt kl_coef towards target_kl (Ziegler et al. 2019, sec. 2.2)")
-    target_kl: float = setting(6.0, "adaptive KL target (nats per sequence)")
-    kl_horizon: int = setting(10000, "adaptive KL horizon K_beta (in sequences)")
-    kl_estimator: str = setting("k1", "per-token KL estimate: k1 = log p - log q | k3 = (r - 1) - log r "
-                                      "(Schulman 2020)")
-    whiten_advantages: bool = setting(True, "estimator gae: normalise advantages to zero mean, unit variance over the "
-                                            "rollout's answer tokens (grpo and rloo are never re-whitened)")
-    reward_norm: str | bool = setting("none", "normalise scores before the KL penalty: none | running (mean/std of "
-                                              "every score so far) | rm (the reward model's training-set mean/std "
-                                              "saved by the rm stage); older configs' true / false mean running / none")
-    reward_clip: float = setting(0.0, "clip scores to [-reward_clip, reward_clip]; 0 = off")
-    ptx_coef: float = setting(0.0, "weight of the pretraining loss mixed into the policy loss (InstructGPT eq. 2)")
-    ptx_files: list[str] = setting([], "pretraining text for ptx_coef > 0 (same formats as pt)", path=True)
-    max_new_tokens: int = setting(128, "longest generated answer")
-    temperature: float = setting(1.0, "sampling temperature of rollouts")
-    top_k: int = setting(0, "sample from the k most likely tokens; 0 = off")
-    top_p: float = setting(1.0, "nucleus sampling mass; 1 = off")
-    missing_eos_penalty: float = setting(0.0, "subtracted from the score of answers that never emit EOS")
-    early_stop_kl: float = setting(0.0, "stop the PPO epochs of a rollout once its mean KL passes this; 0 = off")
-    vf_coef: float = setting(0.1, "weight of the value loss")
-    critic_lr: float = setting(0.0, "critic learning rate; 0 = train.lr")
-    log_samples_every: int = setting(10, "rollouts between logged sample generations; 0 = never")
-    estimator: str = setting("gae", "advantages: gae (with the critic) | grpo (group-normalised, Shao et al. 2024) | "
-                                    "rloo (leave-one-out, Ahmadian et al. 2024); the last two need no critic")
-    reward_dtype: str = setting("auto", "dtype of the frozen reward model: auto ([model] dtype) | float32 | bfloat16 "
-                                        "| float16")
-
-    def validate(self) -> None:
-        s = self.section
-        for key in ("prompts_per_rollout", "samples_per_prompt", "minibatch_size", "micro_batch_size",
-                    "ppo_epochs", "max_new_tokens", "kl_horizon"):
-            check(getattr(self, key) >= 1, s, key, ">= 1", getattr(self, key))
-        for key in ("value_clip_eps", "kl_coef", "reward_clip", "ptx_coef", "missing_eos_penalty",
-                    "early_stop_kl", "vf_coef", "critic_lr"):
-            check(getattr(self, key) >= 0, s, key, ">= 0", getattr(self, key))
-        check(self.clip_eps > 0, s, "clip_eps", "> 0", self.clip_eps)
-        check(0.0 <= self.gamma <= 1.0, s, "gamma", "in [0, 1]", self.gamma)
-        check(0.0 <= self.lam <= 1.0, s, "lam", "in [0, 1]", self.lam)
-        check(self.target_kl > 0, s, "target_kl", "> 0", self.target_kl)
-        check_choice(s, "kl_estimator", self.kl_estimator, ("k1", "k3"))
-        if isinstance(self.reward_norm, bool):  # configs written before "rm" existed: true = running
-            self.reward_norm = "running" if self.reward_norm else "none"
-        check_choice(s, "reward_norm", self.reward_norm, ("none", "running", "rm"))
-        check(self.temperature > 0, s, "temperature", "> 0 (rollout log-probs need a proper distribution)",
-              self.temperature)
-        check(self.top_k >= 0, s, "top_k", ">= 0", self.top_k)
-        check(0.0 < self.top_p <= 1.0, s, "top_p", "in (0, 1]", self.top_p)
-        check(self.log_samples_every >= 0, s, "log_samples_every", ">= 0", self.log_samples_every)
-        check_choice(s, "estimator", self.estimator, ("gae", "grpo", "rloo"))
-        check_choice(s, "reward_dtype", self.reward_dtype, ("auto", "float32", "bfloat16", "float16"))
-        if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
-            raise ConfigError(f"[{s}] samples_per_prompt must be >= 2 for estimator = "
-                              f"{toml_value(self.estimator)} (it compares samples of one prompt), got "
-                              f"{self.samples_per_prompt}", s, "samples_per_prompt")
-        # rollout -> minibatches (one optimizer step each) -> micro-batches (one forward/backward each)
-        rollout = self.prompts_per_rollout * self.samples_per_prompt
-        if rollout % self.minibatch_size:
-            raise ConfigError(
-                f"[{s}] minibatch_size must divide prompts_per_rollout * samples_per_prompt = "
-                f"{self.prompts_per_rollout} * {self.samples_per_prompt} = {rollout}, got {self.minibatch_size}",
-                s, "minibatch_size")
-        if self.minibatch_size % self.micro_batch_size:
-            raise ConfigError(f"[{s}] micro_batch_size must divide minibatch_size = {self.minibatch_size}, "
-                              f"got {self.micro_batch_size}", s, "micro_batch_size")
-
-
-SECTION_TYPES = {
-    "model": ModelSection, "data": DataSection, "train": TrainSection, "lora": LoraSection,
-    "pt": PTSection, "sft": SFTSection, "rm": RMSection, "dpo": DPOSection, "kto": KTOSection,
-    "ppo": PPOSection,
-}
+# the sections every run has; each registered stage adds its own ([pt], [dpo], ...: minirlhf/stages)
+SECTION_TYPES = {"model": ModelSection, "data": DataSection, "train": TrainSection, "lora": LoraSection}
 
 
 @dataclass
 class Config:
-    """A whole run's settings: `stage` plus one attribute per section (`cfg.train.lr`)."""
+    """A whole run's settings: `stage` plus one attribute per section (`cfg.train.lr`).
+
+    The stage sections come from the stage registry (minirlhf/stages): `stage_sections` holds one of each
+    registered stage, {"pt": PTSection(), ...}, and each is an attribute too: `cfg.dpo` is
+    cfg.stage_sections["dpo"].
+    """
 
     stage: str = "sft"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     lora: LoraSection = field(default_factory=LoraSection)
-    pt: PTSection = field(default_factory=PTSection)
-    sft: SFTSection = field(default_factory=SFTSection)
-    rm: RMSection = field(default_factory=RMSection)
-    dpo: DPOSection = field(default_factory=DPOSection)
-    kto: KTOSection = field(default_factory=KTOSection)
-    ppo: PPOSection = field(default_factory=PPOSection)
+    stage_sections: dict[str, Any] = field(default_factory=new_sections)
+
+    def __getattr__(self, name: str) -> Any:
+        """A stage's section (`cfg.ppo`); only called for names that are not ordinary attributes."""
+        sections = self.__dict__.get("stage_sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def sections(self) -> dict[str, Any]:
+        """Every section of the run by name, in file order: {"model": self.model, ..., "pt": ..., "ppo": ...}."""
+        return {**{name: getattr(self, name) for name in SECTION_TYPES}, **self.stage_sections}
 
     def validate(self) -> None:
         """Each section's own checks, then the ones that involve the stage or several sections."""
@@ -445,22 +287,11 @@ class Config:
                               "vocabulary from the tokenizer), got \"\"", "model", "tokenizer")
         if not self.data.train_files:
             raise ConfigError("[data] train_files must list at least one file, got []", "data", "train_files")
-        allowed = STAGE_FORMATS[self.stage]
+        allowed = ("auto", *spec(self.stage).data_formats)
         if self.data.format not in allowed:
             raise ConfigError(f"[data] format must be one of {', '.join(map(toml_value, allowed))} for stage "
                               f"{self.stage}, got {toml_value(self.data.format)}", "data", "format")
-        if self.stage == "ppo" and not self.ppo.reward_model:
-            raise ConfigError("[ppo] reward_model must be set for stage ppo, got \"\"", "ppo", "reward_model")
-        if self.stage == "ppo" and self.ppo.ptx_coef > 0 and not self.ppo.ptx_files:
-            raise ConfigError(f"[ppo] ptx_files must list pretraining files when ptx_coef > 0, got [] "
-                              f"(ptx_coef = {toml_value(self.ppo.ptx_coef)})", "ppo", "ptx_files")
-        if self.stage == "sft" and self.sft.packing and self.data.cutoff_len > self.data.block_size:
-            raise ConfigError(f"[data] cutoff_len must be <= block_size = {self.data.block_size} when "
-                              f"[sft] packing = true, got {self.data.cutoff_len}", "data", "cutoff_len")
-
-    def sections(self) -> dict[str, Any]:
-        """Every section of the run by name, in file order: {"model": self.model, ...}."""
-        return {name: getattr(self, name) for name in SECTION_TYPES}
+        self.stage_sections[self.stage].validate_run(self)
 
     def to_toml(self, comments: bool = True) -> str:
         """The resolved config as TOML text that `load_config` reads back to an equal Config."""
@@ -482,8 +313,8 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
     """Read a TOML config, apply `--set section.key=value` overrides, validate, and return a Config.
 
     path: the TOML file (None = start from the defaults). overrides: strings like `train.lr=1e-4` or
-    `model.init.hidden_size=128` (toml_fields.apply_override). stage: one of STAGES; when the file also
-    says `stage = ...` they must agree.
+    `model.init.hidden_size=128` (toml_fields.apply_override). stage: one of the registered stages
+    (minirlhf/stages); when the file also says `stage = ...` they must agree.
     """
     cfg = Config()
     origins: dict[tuple[str | None, str], str] = {}  # (section, key) -> file or --set argument that set it
@@ -525,4 +356,4 @@ def default_toml(stage: str = "sft") -> str:
 
 def iter_fields() -> Iterator[tuple[str, str, str, str, str]]:
     """(section, key, type, default as TOML, help) for every field, for documentation tables."""
-    return toml_fields.iter_fields(SECTION_TYPES)
+    return toml_fields.iter_fields({name: type(obj) for name, obj in Config().sections().items()})

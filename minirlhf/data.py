@@ -35,7 +35,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from minirlhf.batching import collator, pack_documents, pack_examples
+from minirlhf.batching import (
+    collate_kto,
+    collate_preference,
+    collate_prompts,
+    collate_sft,
+    pack_documents,
+    pack_examples,
+)
 from minirlhf.bpe import TokenizerError
 from minirlhf.config import Config, DataSection
 from minirlhf.data_files import DataError, read_all
@@ -434,9 +441,28 @@ def _check_eval_data(data: DataSection, eval_rows: int, eval_examples: int, trai
                        "eval_files): nothing will be evaluated", eval_every)
 
 
+@dataclass(frozen=True)
+class DataFormat:
+    """How the rows of one [data] format become examples, and examples a batch."""
+
+    encode: Callable[..., Any]  # encode(row, tok, data, **options) -> one example
+    collate: Callable[..., dict[str, torch.Tensor]]  # collate(examples, pad_id) -> a batch of tensors
+
+
+# every [data] format; a stage names those it reads (its StageSpec), "auto" meaning the first
+FORMATS = {
+    "text": DataFormat(encode_text, collate_sft),
+    "alpaca": DataFormat(encode_sft, collate_sft),
+    "sharegpt": DataFormat(encode_sft, collate_sft),
+    "preference": DataFormat(encode_preference, collate_preference),
+    "kto": DataFormat(encode_kto, collate_kto),
+    "prompt": DataFormat(encode_prompt, collate_prompts),
+}
+
+
 @dataclass
 class Datasets:
-    """Tokenized train and eval examples of a stage, the bad rows skipped, and the stage's collator."""
+    """Tokenized train and eval examples of a stage, the bad rows skipped, and the format's collator."""
 
     train: list[dict]
     eval: list[dict]
@@ -444,17 +470,17 @@ class Datasets:
     collate: Callable[[Sequence[dict]], dict[str, torch.Tensor]] | None = None
 
 
-def build_datasets(cfg: Config, tok: Any) -> Datasets:
-    """Read, split, encode (and for pt / sft packing, pack) the data of `cfg.stage`."""
-    data, stage = cfg.data, cfg.stage
-    encode: Callable[[Any], Any] = {
-        "pt": functools.partial(encode_text, tok=tok, data=data, add_bos=cfg.pt.add_bos),
-        "sft": functools.partial(encode_sft, tok=tok, data=data),
-        "rm": functools.partial(encode_preference, tok=tok, data=data, margin_field=cfg.rm.margin_field),
-        "dpo": functools.partial(encode_preference, tok=tok, data=data),
-        "kto": functools.partial(encode_kto, tok=tok, data=data),
-        "ppo": functools.partial(encode_prompt, tok=tok, data=data),
-    }[stage]
+def build_datasets(cfg: Config, tok: Any, formats: Sequence[str], pack: bool = False, **options: Any) -> Datasets:
+    """Read, split and encode the [data] files in their format: [data] format, or for "auto" formats[0], the
+    first of those the stage reads (sft's "alpaca" encoder tells alpaca from sharegpt row by row).
+
+    Text documents are packed into block_size blocks (pt), other examples too when `pack` ([sft] packing);
+    preference pairs whose two sides are identical are dropped. options go to the format's encoder
+    (add_bos for text, margin_field for preference).
+    """
+    data = cfg.data
+    fmt = formats[0] if data.format == "auto" else data.format
+    encode: Callable[[Any], Any] = functools.partial(FORMATS[fmt].encode, tok=tok, data=data, **options)
     rows, skipped = read_all(data.train_files, data.skip_bad_rows)
     if data.eval_files:
         eval_rows, eval_skipped = read_all(data.eval_files, data.skip_bad_rows)
@@ -465,11 +491,11 @@ def build_datasets(cfg: Config, tok: Any) -> Datasets:
     for part in (rows, eval_rows):
         examples, bad = load_examples((), encode, data.skip_bad_rows, data.num_workers, rows=part)
         skipped += bad
-        if stage == "pt":
+        if fmt == "text":
             examples = pack_documents(examples, data.block_size)
-        elif stage == "sft" and cfg.sft.packing:
+        elif pack:
             examples = pack_examples(examples, data.block_size)
-        elif stage in ("rm", "dpo"):
+        if fmt == "preference":
             examples, tied = drop_identical_pairs(examples)
             ties.append(tied)
         parts.append(examples)
@@ -482,4 +508,4 @@ def build_datasets(cfg: Config, tok: Any) -> Datasets:
     if not parts[0]:
         raise DataError(f"{', '.join(data.train_files)}: no training examples")
     _check_eval_data(data, len(eval_rows), len(parts[1]), len(rows), cfg.train.eval_every)
-    return Datasets(parts[0], parts[1], skipped, collator(stage, tok.pad_id))
+    return Datasets(parts[0], parts[1], skipped, functools.partial(FORMATS[fmt].collate, pad_id=tok.pad_id))

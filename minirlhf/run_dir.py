@@ -49,7 +49,7 @@ def input_dirs(cfg: Config) -> list[tuple[str, str]]:
     """(the key, the directory) of every model directory the run reads: [model] path and tokenizer, and
     each single path of the stage's own section ([dpo] ref_model, [ppo] reward_model ...)."""
     keys = [("[model] path", cfg.model.path), ("[model] tokenizer", cfg.model.tokenizer)]
-    section = getattr(cfg, cfg.stage)
+    section = cfg.stage_sections[cfg.stage]
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if f.metadata.get("path") and isinstance(value, str):

@@ -374,13 +374,16 @@ def test_eval_split_deterministic_and_disjoint():
     assert split_rows(rows, 0.25, seed=4) != (train, held)
 
 
+CHAT = ("alpaca", "sharegpt")  # the formats the sft stage reads: "auto" is the first, which tells the two apart
+
+
 def test_build_datasets_from_config(tmp_path):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)] + [{"instruction": "bad"}]
     write_jsonl(tmp_path / "train.jsonl", rows)
     (tmp_path / "cfg.toml").write_text('[model]\npath = "m"\n[data]\ntrain_files = ["train.jsonl"]\n'
                                        "eval_split = 0.2\nskip_bad_rows = true\n")
     cfg = load_config(tmp_path / "cfg.toml", [], "sft")
-    ds = build_datasets(cfg, TOK)
+    ds = build_datasets(cfg, TOK, CHAT)
     # round(0.2 * 11 rows) = 2 held out by the seed-42 permutation: rows 6 and 8 (0-based); the bad row
     # (10) fell in the train part and is skipped
     assert (len(ds.train), len(ds.eval)) == (8, 2)
@@ -390,12 +393,12 @@ def test_build_datasets_from_config(tmp_path):
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     # tokenizing in worker processes gives the same examples
     cfg2 = load_config(tmp_path / "cfg.toml", ["data.num_workers=2"], "sft")
-    assert build_datasets(cfg2, TOK).train == ds.train
+    assert build_datasets(cfg2, TOK, CHAT).train == ds.train
     # pt from jsonl text, packed
     write_jsonl(tmp_path / "pt.jsonl", [{"text": "abc"}, {"text": "de"}])
     cfg3 = load_config(tmp_path / "cfg.toml", [f"data.train_files=['{tmp_path / 'pt.jsonl'}']", "data.eval_split=0",
                                                "data.block_size=4", "pt.add_bos=true"], "pt")
-    pt = build_datasets(cfg3, TOK)
+    pt = build_datasets(cfg3, TOK, ("text",), add_bos=cfg3.pt.add_bos)
     # stream [BOS a b c | EOT BOS d e | EOT]: the 1-token remainder has nothing to predict and is dropped
     assert [b["input_ids"] for b in pt.train] == [[BOS, *t("abc")], [EOT, BOS, *t("de")]]
     assert pt.train[1]["document_ids"] == [0, 1, 1, 1] and pt.train[1]["labels"] == [X, X, *t("de")]
@@ -421,7 +424,7 @@ def test_preference_rows_with_identical_answers_are_skipped_with_a_count(tmp_pat
     # ten characters and the next one ("-" in both answers of row 3), no end of turn
     cfg = _config(tmp_path, stage, rows, "data.cutoff_len=17")
     with caplog.at_level("WARNING", logger="minirlhf.data"):
-        ds = build_datasets(cfg, TOK)
+        ds = build_datasets(cfg, TOK, ("preference",))
     assert sorted(TOK.decode(e["chosen_input_ids"])[:2] for e in ds.train) == ["p0", "p2", "p4", "p5"]
     assert [r.getMessage() for r in caplog.records if "identical" in r.getMessage()] == [
         "skipped 2 preference rows (train 2, eval 0) whose chosen and rejected answers are identical after "
@@ -433,22 +436,22 @@ def test_eval_split_that_holds_out_nothing_is_an_error(tmp_path, caplog):
     # without evaluating and without a word.
     one = [{"instruction": "q", "output": "a"}]
     with pytest.raises(DataError, match=r"\[data\] eval_split = 0.3 holds out no row of the 1 training row"):
-        build_datasets(_config(tmp_path, "sft", one, "data.eval_split=0.3"), TOK)
+        build_datasets(_config(tmp_path, "sft", one, "data.eval_split=0.3"), TOK, CHAT)
     # rows held out but none usable: both eval pairs are ties
     ties = [{"prompt": f"p{i}", "chosen": "x" if i < 4 else "s", "rejected": "y" if i < 4 else "s"}
             for i in range(6)]
     held = split_rows(list(range(6)), 0.34, seed=42)[1]
     ties = [dict(r, chosen="s", rejected="s") if i in held else r for i, r in enumerate(ties)]
     with pytest.raises(DataError, match=r"eval_split = 0.34 holds out 2 row\(s\), none of them usable"):
-        build_datasets(_config(tmp_path, "dpo", ties, "data.eval_split=0.34"), TOK)
+        build_datasets(_config(tmp_path, "dpo", ties, "data.eval_split=0.34"), TOK, ("preference",))
     # eval_files whose rows are all skipped as malformed
     bad = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "no output"}])
     with pytest.raises(DataError, match=r"eval\.jsonl: no usable evaluation examples in \[data\] eval_files"):
         build_datasets(_config(tmp_path, "sft", one * 3, f"data.eval_files=['{bad}']", "data.skip_bad_rows=true"),
-                       TOK)
+                       TOK, CHAT)
     # no eval asked for, but eval_every set: one warning line, the run goes on
     with caplog.at_level("WARNING", logger="minirlhf.data"):
-        ds = build_datasets(_config(tmp_path, "sft", one * 3, "train.eval_every=5"), TOK)
+        ds = build_datasets(_config(tmp_path, "sft", one * 3, "train.eval_every=5"), TOK, CHAT)
     assert len(ds.train) == 3 and ds.eval == []
     assert any("eval_every = 5, but there is no eval data" in r.getMessage() for r in caplog.records)
 

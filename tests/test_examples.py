@@ -24,7 +24,8 @@ from helpers_tiny import (
     write_jsonl,
 )
 
-from minirlhf.config import STAGES, iter_fields, load_config
+from minirlhf.config import iter_fields, load_config
+from minirlhf.stages import STAGES
 from minirlhf.heads import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -215,11 +215,14 @@ def test_info_lines_reach_stderr(tiny, tmp_path):
 
 
 def test_threads_are_set_before_the_stage_is_built(tiny, tmp_path, monkeypatch):
+    import dataclasses
+
     from minirlhf.stages import sft
 
     seen = []
-    real_build = sft.build_stage
-    monkeypatch.setattr(sft, "build_stage", lambda *a, **k: seen.append(torch.get_num_threads()) or real_build(*a, **k))
+    spec = sft.SPECS["sft"]
+    counting = dataclasses.replace(spec, build=lambda *a: seen.append(torch.get_num_threads()) or spec.build(*a))
+    monkeypatch.setitem(sft.SPECS, "sft", counting)
     sets = [f"model.path={tiny['model']}", f"data.train_files=[\"{tiny['sft']}\"]",
             f"train.output_dir={tmp_path / 'th'}", "train.threads=2"]
     cfg = load_config(tiny["root"] / "cfg.toml", sets, "sft")

@@ -9,23 +9,14 @@ writes the trained model (or LoRA adapter), metrics.jsonl, curves.png and checkp
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 
 from minirlhf.commands import run_command
-from minirlhf.config import STAGES, load_config
 from minirlhf.errors import UserError
+from minirlhf.stages import STAGES
 
 HELP = "train one stage (pt, sft, rm, dpo, kto, ppo) from a TOML config"
-
-# each stage is one module with build_stage(cfg, device) -> trainer.Stage
-STAGE_MODULES = {"pt": "minirlhf.stages.sft", "sft": "minirlhf.stages.sft", "rm": "minirlhf.stages.rm",
-                 "dpo": "minirlhf.stages.dpo", "kto": "minirlhf.stages.kto", "ppo": "minirlhf.stages.ppo"}
-# stages whose build_stage(cfg, device, rank=r) reads the checkpoints on rank 0 only (the other ranks build
-# on the meta device, prepare_stage fills them); rm and ppo load their models on every rank
-RANK0_LOADING = {"pt", "sft", "dpo", "kto"}
-
 
 class DeviceError(UserError, ValueError):
     """--device names no device this machine has."""
@@ -87,14 +78,15 @@ def build_stage(cfg, device, ctx=None):
     model) is the same in every run; under torchrun (ctx) sharded with FSDP2."""
     import torch
 
-    from minirlhf import distributed
+    from minirlhf import distributed, stages
     from minirlhf.checkpointing import seed_everything
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    rank = {"rank": ctx.rank} if ctx is not None and cfg.stage in RANK0_LOADING else {}
-    stage = importlib.import_module(STAGE_MODULES[cfg.stage]).build_stage(cfg, device, **rank)
+    spec = stages.spec(cfg.stage)
+    rank = ctx.rank if ctx is not None and spec.rank0_loading else None
+    stage = spec.build(cfg, device, rank)
     if ctx is not None:
         distributed.prepare_stage(stage, ctx)
     return stage
@@ -122,6 +114,8 @@ def build_trainer(cfg, device_name: str | None = None):
 def train(args: argparse.Namespace) -> dict:
     """Load the config, build the stage, fit; the trainer's summary (status, step, output_dir)."""
     from minirlhf import distributed
+
+    from minirlhf.config import load_config
 
     overrides = list(args.set) + (['train.resume="auto"'] if args.resume else []) + \
         (["train.overwrite=true"] if args.overwrite else [])

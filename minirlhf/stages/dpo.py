@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,11 +55,38 @@ from minirlhf.logprobs import pair_logprobs
 from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
 from minirlhf.stages.common import PolicyStage, Reference, build_reference
+from minirlhf.stages import StageSection, StageSpec
 from minirlhf.tokenizer import Tokenizer
+from minirlhf.toml_fields import ConfigError, check, check_choice, setting, toml_value
 from minirlhf.checkpointing import fsync_files
 from minirlhf.trainer import autocast_for
 
 logger = logging.getLogger(__name__)
+
+@dataclass
+class DPOSection(StageSection):
+    section = "dpo"
+    loss_type: str = setting("sigmoid", "sigmoid (DPO) | hinge (SLiC) | ipo | simpo | orpo")
+    beta: float = setting(0.1, "inverse temperature of the implicit reward (orpo: weight lambda of the odds-ratio "
+                               "term)")
+    label_smoothing: float = setting(0.0, "conservative DPO: assumed probability that a label is flipped "
+                                          "(sigmoid only)")
+    simpo_gamma: float = setting(0.5, "SimPO target reward margin gamma (Meng et al. 2024, eq. 6)")
+    reference: str = setting("precompute", "reference log-probs: precompute (one pass before training) | live")
+    ref_model: str = setting("", "reference model directory; empty = the starting model ([model] path)", path=True)
+
+    def validate(self) -> None:
+        s = self.section
+        check_choice(s, "loss_type", self.loss_type, ("sigmoid", "hinge", "ipo", "simpo", "orpo"))
+        check(self.beta > 0, s, "beta", "> 0", self.beta)
+        check(0.0 <= self.label_smoothing < 0.5, s, "label_smoothing", "in [0, 0.5)", self.label_smoothing)
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise ConfigError(f"[{s}] label_smoothing must be 0 unless loss_type = \"sigmoid\", got "
+                              f"{toml_value(self.label_smoothing)} with loss_type = "
+                              f"{toml_value(self.loss_type)}", s, "label_smoothing")
+        check(self.simpo_gamma >= 0, s, "simpo_gamma", ">= 0", self.simpo_gamma)
+        check_choice(s, "reference", self.reference, ("precompute", "live"))
+
 
 REFERENCE_FREE = ("simpo", "orpo")
 SIDES = ("chosen", "rejected")
@@ -252,7 +280,7 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | Non
         rank = None
     tok = build_tokenizer(cfg)
     model = disable_dropout(cfg, apply_lora(cfg, build_model(cfg, tok, device=device, rank=rank)))
-    data = build_datasets(cfg, tok)
+    data = build_datasets(cfg, tok, SPECS["dpo"].data_formats)
     train, eval_ = data.train, data.eval
     if cfg.dpo.loss_type in REFERENCE_FREE:
         return PreferenceStage(cfg, model, tok, train, eval_, data.collate)
@@ -271,3 +299,6 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | Non
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return PreferenceStage(cfg, model, tok, parts["train"], parts["eval"], data.collate)
+
+
+SPECS = {"dpo": StageSpec(DPOSection, data_formats=("preference",), build=build_stage, rank0_loading=True)}

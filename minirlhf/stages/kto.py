@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -51,10 +52,27 @@ from minirlhf.stages.common import PolicyStage, Reference, build_reference
 from minirlhf.logprobs import sequence_logprobs
 from minirlhf.losses import IGNORE_INDEX, kto_loss
 from minirlhf.model import Transformer
+from minirlhf.stages import StageSection, StageSpec
 from minirlhf.tokenizer import Tokenizer
+from minirlhf.toml_fields import check, setting
 from minirlhf.trainer import StepResult
 
 logger = logging.getLogger(__name__)
+
+@dataclass
+class KTOSection(StageSection):
+    section = "kto"
+    beta: float = setting(0.1, "inverse temperature of the implicit reward (Ethayarajh et al. 2024, eq. 8)")
+    desirable_weight: float = setting(1.0, "lambda_D, weight of desirable examples")
+    undesirable_weight: float = setting(1.0, "lambda_U, weight of undesirable examples")
+    balanced_batches: bool = setting(True, "every micro-batch holds desirable and undesirable examples in the data's "
+                                           "proportion (as the KTO authors' loader); false = plain shuffle (as TRL)")
+    ref_model: str = setting("", "reference model directory; empty = the starting model ([model] path)", path=True)
+
+    def validate(self) -> None:
+        for key in ("beta", "desirable_weight", "undesirable_weight"):
+            check(getattr(self, key) > 0, self.section, key, "> 0", getattr(self, key))
+
 
 CLASSES = {"chosen": True, "rejected": False}  # TRL's metric name of each class -> its label
 RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)
@@ -207,7 +225,7 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | Non
     """rank: under torchrun, only rank 0 reads the policy and ref_model (see build.build_model)."""
     tok = build_tokenizer(cfg)
     model = disable_dropout(cfg, apply_lora(cfg, build_model(cfg, tok, device=device, rank=rank)))
-    data = build_datasets(cfg, tok)
+    data = build_datasets(cfg, tok, SPECS["kto"].data_formats)
     k = cfg.kto
     n_d = sum(1 for e in data.train if e["desirable"])
     warning = check_class_balance(n_d, len(data.train) - n_d, k.desirable_weight, k.undesirable_weight)
@@ -219,3 +237,6 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | Non
     reference = build_reference(cfg, tok, model, k.ref_model, "kto", device, rank=rank)
     logger.info("kto: reference = %s", reference.source)
     return KTOStage(cfg, model, tok, data.train, data.eval, data.collate, reference)
+
+
+SPECS = {"kto": StageSpec(KTOSection, data_formats=("kto",), build=build_stage, rank0_loading=True)}

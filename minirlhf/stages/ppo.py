@@ -38,6 +38,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,9 @@ from minirlhf.stages.rollout import (
     response_logprobs,
     response_values,
 )
+from minirlhf.stages import StageSection, StageSpec
 from minirlhf.tokenizer import Tokenizer
+from minirlhf.toml_fields import check, check_choice, setting, toml_value
 from minirlhf.toml_fields import ConfigError
 from minirlhf.errors import TrainingError
 from minirlhf.trainer import Stage, StepResult, Trainer, decay_groups
@@ -95,6 +98,102 @@ ESTIMATORS = ("gae", "grpo", "rloo")
 # the eps of grpo's (r - mean) / (std + eps): 1e-6 since ppo first had the estimator (the grpo stage takes
 # TRL's 1e-4); a group whose samples score alike gets 0 either way
 GRPO_EPS = 1e-6
+
+
+@dataclass
+class PPOSection(StageSection):
+    section = "ppo"
+    reward_model: str = setting("", "reward model directory (output of the rm stage); required", path=True)
+    critic_model: str = setting("", "critic initialisation; empty = the reward model", path=True)
+    ref_model: str = setting("", "reference policy for the KL penalty; empty = the starting model", path=True)
+    prompts_per_rollout: int = setting(64, "prompts sampled per rollout")
+    samples_per_prompt: int = setting(1, "completions generated per prompt")
+    minibatch_size: int = setting(16, "rollout sequences per optimizer step")
+    micro_batch_size: int = setting(4, "sequences per forward/backward (train.micro_batch_size is not used by ppo)")
+    ppo_epochs: int = setting(1, "passes over each rollout")
+    clip_eps: float = setting(0.2, "policy ratio clip epsilon (Schulman et al. 2017, eq. 7)")
+    value_clip_eps: float = setting(0.2, "value clip range around the rollout values; 0 = no value clipping")
+    gamma: float = setting(1.0, "discount factor")
+    lam: float = setting(0.95, "GAE lambda (Schulman et al. 2016, eq. 16)")
+    kl_coef: float = setting(0.05, "initial KL penalty coefficient beta (Ziegler et al. 2019, eq. 2)")
+    adaptive_kl: bool = setting(False, "adapt kl_coef towards target_kl (Ziegler et al. 2019, sec. 2.2)")
+    target_kl: float = setting(6.0, "adaptive KL target (nats per sequence)")
+    kl_horizon: int = setting(10000, "adaptive KL horizon K_beta (in sequences)")
+    kl_estimator: str = setting("k1", "per-token KL estimate: k1 = log p - log q | k3 = (r - 1) - log r "
+                                      "(Schulman 2020)")
+    whiten_advantages: bool = setting(True, "estimator gae: normalise advantages to zero mean, unit variance over the "
+                                            "rollout's answer tokens (grpo and rloo are never re-whitened)")
+    reward_norm: str | bool = setting("none", "normalise scores before the KL penalty: none | running (mean/std of "
+                                              "every score so far) | rm (the reward model's training-set mean/std "
+                                              "saved by the rm stage); older configs' true / false mean running / none")
+    reward_clip: float = setting(0.0, "clip scores to [-reward_clip, reward_clip]; 0 = off")
+    ptx_coef: float = setting(0.0, "weight of the pretraining loss mixed into the policy loss (InstructGPT eq. 2)")
+    ptx_files: list[str] = setting([], "pretraining text for ptx_coef > 0 (same formats as pt)", path=True)
+    max_new_tokens: int = setting(128, "longest generated answer")
+    temperature: float = setting(1.0, "sampling temperature of rollouts")
+    top_k: int = setting(0, "sample from the k most likely tokens; 0 = off")
+    top_p: float = setting(1.0, "nucleus sampling mass; 1 = off")
+    missing_eos_penalty: float = setting(0.0, "subtracted from the score of answers that never emit EOS")
+    early_stop_kl: float = setting(0.0, "stop the PPO epochs of a rollout once its mean KL passes this; 0 = off")
+    vf_coef: float = setting(0.1, "weight of the value loss")
+    critic_lr: float = setting(0.0, "critic learning rate; 0 = train.lr")
+    log_samples_every: int = setting(10, "rollouts between logged sample generations; 0 = never")
+    estimator: str = setting("gae", "advantages: gae (with the critic) | grpo (group-normalised, Shao et al. 2024) | "
+                                    "rloo (leave-one-out, Ahmadian et al. 2024); the last two need no critic")
+    reward_dtype: str = setting("auto", "dtype of the frozen reward model: auto ([model] dtype) | float32 | bfloat16 "
+                                        "| float16")
+
+    def validate(self) -> None:
+        s = self.section
+        for key in ("prompts_per_rollout", "samples_per_prompt", "minibatch_size", "micro_batch_size",
+                    "ppo_epochs", "max_new_tokens", "kl_horizon"):
+            check(getattr(self, key) >= 1, s, key, ">= 1", getattr(self, key))
+        for key in ("value_clip_eps", "kl_coef", "reward_clip", "ptx_coef", "missing_eos_penalty",
+                    "early_stop_kl", "vf_coef", "critic_lr"):
+            check(getattr(self, key) >= 0, s, key, ">= 0", getattr(self, key))
+        check(self.clip_eps > 0, s, "clip_eps", "> 0", self.clip_eps)
+        check(0.0 <= self.gamma <= 1.0, s, "gamma", "in [0, 1]", self.gamma)
+        check(0.0 <= self.lam <= 1.0, s, "lam", "in [0, 1]", self.lam)
+        check(self.target_kl > 0, s, "target_kl", "> 0", self.target_kl)
+        check_choice(s, "kl_estimator", self.kl_estimator, ("k1", "k3"))
+        if isinstance(self.reward_norm, bool):  # configs written before "rm" existed: true = running
+            self.reward_norm = "running" if self.reward_norm else "none"
+        check_choice(s, "reward_norm", self.reward_norm, ("none", "running", "rm"))
+        check(self.temperature > 0, s, "temperature", "> 0 (rollout log-probs need a proper distribution)",
+              self.temperature)
+        check(self.top_k >= 0, s, "top_k", ">= 0", self.top_k)
+        check(0.0 < self.top_p <= 1.0, s, "top_p", "in (0, 1]", self.top_p)
+        check(self.log_samples_every >= 0, s, "log_samples_every", ">= 0", self.log_samples_every)
+        check_choice(s, "estimator", self.estimator, ESTIMATORS)
+        check_choice(s, "reward_dtype", self.reward_dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ConfigError(f"[{s}] samples_per_prompt must be >= 2 for estimator = "
+                              f"{toml_value(self.estimator)} (it compares samples of one prompt), got "
+                              f"{self.samples_per_prompt}", s, "samples_per_prompt")
+        # rollout -> minibatches (one optimizer step each) -> micro-batches (one forward/backward each)
+        rollout = self.prompts_per_rollout * self.samples_per_prompt
+        if rollout % self.minibatch_size:
+            raise ConfigError(
+                f"[{s}] minibatch_size must divide prompts_per_rollout * samples_per_prompt = "
+                f"{self.prompts_per_rollout} * {self.samples_per_prompt} = {rollout}, got {self.minibatch_size}",
+                s, "minibatch_size")
+        if self.minibatch_size % self.micro_batch_size:
+            raise ConfigError(f"[{s}] micro_batch_size must divide minibatch_size = {self.minibatch_size}, "
+                              f"got {self.micro_batch_size}", s, "micro_batch_size")
+
+    def validate_run(self, cfg: Config) -> None:
+        if not self.reward_model:
+            raise ConfigError("[ppo] reward_model must be set for stage ppo, got \"\"", "ppo", "reward_model")
+        if self.ptx_coef > 0 and not self.ptx_files:
+            raise ConfigError(f"[ppo] ptx_files must list pretraining files when ptx_coef > 0, got [] "
+                              f"(ptx_coef = {toml_value(self.ptx_coef)})", "ppo", "ptx_files")
+
+    def longest_row(self, cfg: Config) -> tuple[int, str, str]:
+        """The prompt plus the answer, or a ptx block when longer."""
+        rollout = cfg.data.cutoff_len + self.max_new_tokens
+        if self.ptx_coef > 0 and cfg.data.block_size > rollout:
+            return cfg.data.block_size, "data", "block_size"
+        return rollout, "ppo", "max_new_tokens"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -586,7 +685,7 @@ def load_scalar_model(cfg: Config, tok: Tokenizer, path: str, key: str, dtype: t
     return model
 
 
-def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PPOStage:
+def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> PPOStage:
     """Policy ([model] path + [lora]), reference, critic (from [ppo] critic_model or reward_model, with its
     own adapter when [lora] is on), frozen reward model, prompts, and the ptx data when ptx_coef > 0.
     With [train] disable_dropout, no model has dropout (build.disable_dropout)."""
@@ -607,7 +706,7 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PPOStage:
         # the policy's [lora] settings minus the LM head (the critic has none); the value head trains in full
         disable_dropout(cfg, apply_lora(cfg, critic.backbone))
 
-    data = build_datasets(cfg, tok)
+    data = build_datasets(cfg, tok, SPECS["ppo"].data_formats)
     ptx = None
     if p.ptx_coef > 0:
         encode = functools.partial(encode_text, tok=tok, data=cfg.data, add_bos=cfg.pt.add_bos)
@@ -620,3 +719,6 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PPOStage:
     score_fn = RewardModelScorer(reward_model, p.micro_batch_size)
     return PPOStage(cfg, policy, tok, data.train, score_fn, critic=critic, reference=reference,
                     eval_prompts=data.eval, ptx=ptx)
+
+
+SPECS = {"ppo": StageSpec(PPOSection, data_formats=("prompt",), build=build_stage)}

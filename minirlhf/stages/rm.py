@@ -21,6 +21,7 @@ modules_to_save); the saved reward model is the merged backbone plus the head, a
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,10 +33,27 @@ from minirlhf.batching import BatchIterator
 from minirlhf.data import build_datasets
 from minirlhf.heads import RewardModel
 from minirlhf.losses import reward_centering_loss, reward_pair_loss
+from minirlhf.stages import StageSection, StageSpec
 from minirlhf.tokenizer import Tokenizer
+from minirlhf.toml_fields import check, check_choice, setting
 from minirlhf.trainer import Stage
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RMSection(StageSection):
+    section = "rm"
+    loss: str = setting("log_sig", "pairwise loss: log_sig = -log sigmoid(r_c - r_r - m) (InstructGPT eq. 1), "
+                                   "log_exp = log(1 + exp(r_r - r_c + m))")
+    margin_field: str = setting("", "column with a per-pair margin m (Llama 2 eq. 2); empty = no margin")
+    center_rewards_coef: float = setting(0.0, "weight of the (r_c + r_r)^2 penalty keeping rewards centred "
+                                              "(Eisenstein et al. 2023); 0 = off")
+
+    def validate(self) -> None:
+        check_choice(self.section, "loss", self.loss, ("log_sig", "log_exp"))
+        check(self.center_rewards_coef >= 0, self.section, "center_rewards_coef", ">= 0",
+              self.center_rewards_coef)
 
 
 def pair_scores(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +161,12 @@ class RewardStage(Stage):
         self.model.save_pretrained(out_dir, tokenizer=self.tok)
 
 
-def build_stage(cfg: Config, device: torch.device | str = "cpu") -> RewardStage:
+def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> RewardStage:
+    """rank: unused, every rank loads the reward model (see build.build_model)."""
     tok = build_tokenizer(cfg)
     model = build_reward_model(cfg, tok, device)
-    data = build_datasets(cfg, tok)
+    data = build_datasets(cfg, tok, SPECS["rm"].data_formats, margin_field=cfg.rm.margin_field)
     return RewardStage(cfg, model, tok, data.train, data.eval, data.collate)
+
+
+SPECS = {"rm": StageSpec(RMSection, data_formats=("preference",), build=build_stage)}

@@ -8,6 +8,7 @@ NEFTune (Jain et al. 2023, Algorithm 1) adds uniform noise to the input embeddin
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -19,8 +20,39 @@ from minirlhf.data import build_datasets
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.losses import IGNORE_INDEX
 from minirlhf.model import Transformer
-from minirlhf.tokenizer import Tokenizer
+from minirlhf.stages import StageSection, StageSpec
 from minirlhf.stages.common import PolicyStage
+from minirlhf.tokenizer import Tokenizer
+from minirlhf.toml_fields import ConfigError, check, setting
+
+
+@dataclass
+class PTSection(StageSection):
+    section = "pt"
+    add_bos: bool = setting(False, "start every document with the tokenizer's BOS token (when it has one)")
+
+    def longest_row(self, cfg: Config) -> tuple[int, str, str]:
+        return cfg.data.block_size, "data", "block_size"
+
+
+@dataclass
+class SFTSection(StageSection):
+    section = "sft"
+    neftune_alpha: float = setting(0.0, "NEFTune noise scale alpha (Jain et al. 2023, Alg. 1); 0 = off")
+    packing: bool = setting(False, "pack several examples into each block_size row (no attention across them)")
+
+    def validate(self) -> None:
+        check(self.neftune_alpha >= 0, self.section, "neftune_alpha", ">= 0", self.neftune_alpha)
+
+    def validate_run(self, cfg: Config) -> None:
+        if self.packing and cfg.data.cutoff_len > cfg.data.block_size:
+            raise ConfigError(f"[data] cutoff_len must be <= block_size = {cfg.data.block_size} when "
+                              f"[sft] packing = true, got {cfg.data.cutoff_len}", "data", "cutoff_len")
+
+    def longest_row(self, cfg: Config) -> tuple[int, str, str]:
+        if self.packing:
+            return cfg.data.block_size, "data", "block_size"
+        return cfg.data.cutoff_len, "data", "cutoff_len"
 
 
 def neftune_hook(alpha: float):
@@ -81,5 +113,14 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | Non
     """rank: under torchrun, only rank 0 reads the model (see build.build_model)."""
     tok = build_tokenizer(cfg)
     model = apply_lora(cfg, build_model(cfg, tok, device=device, rank=rank))
-    data = build_datasets(cfg, tok)
+    if cfg.stage == "pt":
+        data = build_datasets(cfg, tok, SPECS["pt"].data_formats, add_bos=cfg.pt.add_bos)
+    else:
+        data = build_datasets(cfg, tok, SPECS["sft"].data_formats, pack=cfg.sft.packing)
     return LanguageModelingStage(cfg, model, tok, data.train, data.eval, data.collate)
+
+
+SPECS = {
+    "pt": StageSpec(PTSection, data_formats=("text",), build=build_stage, rank0_loading=True),
+    "sft": StageSpec(SFTSection, data_formats=("alpaca", "sharegpt"), build=build_stage, rank0_loading=True),
+}
