@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from minirlhf.config import Config
 from minirlhf.errors import UserError
+from minirlhf.heads import NotARewardModel, RewardModel
 from minirlhf.model import ModelConfig, Transformer
 from minirlhf.tokenizer import Tokenizer, load_tokenizer
 from minirlhf.toml_fields import ConfigError
@@ -135,6 +136,21 @@ def check_same_tokenizer(tok: Tokenizer, directory: str, section: str, key: str)
     if other.encode(TOKENIZER_PROBE) != tok.encode(TOKENIZER_PROBE):
         raise ConfigError(f"[{section}] {key} {directory!r}: its tokenizer encodes text differently from {ours} "
                           f"(same size, other vocabulary)", section, key)
+
+
+def load_scalar_model(cfg: Config, tok: Tokenizer, path: str, section: str, key: str, dtype: torch.dtype | None,
+                      device: torch.device | str, new_head: bool = False) -> RewardModel:
+    """A reward model ([section] key: a saved reward model, nothing else) or, with new_head, the start of a
+    critic (a reward model, or a causal LM that gets a fresh head seeded by [train] seed), checked against
+    the policy's tokenizer: the embeddings must hold its ids (prepare_backbone) and a tokenizer saved with
+    the model must be the same (check_same_tokenizer)."""
+    try:
+        model = RewardModel.from_pretrained(path, dtype=dtype, device=device, seed=cfg.train.seed, new_head=new_head)
+    except NotARewardModel as e:
+        raise ConfigError(f"[{section}] {key}: {e}", section, key) from None
+    prepare_backbone(cfg, tok, model.backbone, path, section, key)
+    check_same_tokenizer(tok, path, section, key)
+    return model
 
 
 def apply_lora(cfg: Config, model: Transformer) -> Transformer:

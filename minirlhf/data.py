@@ -403,6 +403,14 @@ def _try_encode(encode: Callable[[Any], Any], row: Any) -> tuple[bool, Any]:
         return False, str(e)
 
 
+def load_text_blocks(files: Sequence[str], tok: Any, data: DataSection, add_bos: bool = False) -> list[dict]:
+    """Text documents of `files` (a text-format file each), packed into [data] block_size blocks as pt
+    trains on them (ppo's pretraining mix)."""
+    encode = functools.partial(encode_text, tok=tok, data=data, add_bos=add_bos)
+    docs, _ = load_examples(files, encode, data.skip_bad_rows, data.num_workers)
+    return pack_documents(docs, data.block_size)
+
+
 def split_rows(rows: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     """Deterministic (train, eval) split: a seeded permutation picks round(fraction * n) eval rows;
     both parts keep the file order."""

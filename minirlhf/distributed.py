@@ -3,8 +3,10 @@
     torchrun --nproc_per_node=N train.py --stage sft --config cfg.toml
 
 Every rank builds the stage as a single process would (same seed, so the same initial weights), except
-that for pt, sft, dpo and kto only rank 0 reads the checkpoint and the other ranks build on the meta
-device; then `prepare_stage` shards it, filling those ranks' shards from rank 0 (`load_sharded_from_rank0`):
+that for the stages that declare rank-0 loading (pt, sft, dpo, kto) only rank 0 reads the checkpoint and
+the other ranks build on the meta device; then the trainer shards what the stage declares (`prepare`),
+filling those ranks' shards from rank 0 (`load_sharded_from_rank0`). Stages run frozen models inside
+`frozen_forwards` and generate inside `gathered`; they never call FSDP themselves:
 
 - FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023 "PyTorch FSDP"; ZeRO-3, Rajbhandari et
   al. 2020): each decoder block is one FSDP unit and the root (embeddings, final norm, heads) another.
@@ -29,14 +31,14 @@ process would. See docs/distributed.md.
 from __future__ import annotations
 
 import copy
-import functools
 import gc
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,7 +60,6 @@ class DistContext:
     cpu_offload: bool = False
     reshard_after_forward: bool = True
     mixed_precision: bool = False
-    skeleton: nn.Module | None = field(default=None, repr=False)  # meta-device copy of the unsharded model
 
     @property
     def is_main(self) -> bool:
@@ -215,8 +216,9 @@ def fsdp_modules(module: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def unsharded(module: nn.Module, reshard_after_forward: bool = True) -> Iterator[nn.Module]:
-    """Full weights on every rank for the duration (ppo's generation), sharded again on exit.
+def gathered(module: nn.Module, ctx: DistContext | None) -> Iterator[nn.Module]:
+    """Full weights on every rank for the duration (ppo's generation), sharded again on exit; nothing in a
+    plain process (ctx None).
 
     Generation runs one forward per new token and stops when every row has stopped, so ranks make
     different numbers of forwards; with per-forward all-gathers they would deadlock. Gathering every
@@ -227,7 +229,7 @@ def unsharded(module: nn.Module, reshard_after_forward: bool = True) -> Iterator
     from minirlhf.heads import RewardModel
     from minirlhf.model import Transformer
 
-    mods = fsdp_modules(module)
+    mods = fsdp_modules(module) if ctx is not None else []
     for m in mods:
         m.unshard()
     for m in mods:
@@ -237,17 +239,27 @@ def unsharded(module: nn.Module, reshard_after_forward: bool = True) -> Iterator
     finally:
         for m in mods:  # roots keep their weights after forward (see shard_model), blocks as configured
             is_root = isinstance(m, (Transformer, RewardModel))
-            m.set_reshard_after_forward(False if is_root else reshard_after_forward, recurse=False)
+            m.set_reshard_after_forward(False if is_root else ctx.reshard_after_forward, recurse=False)
             m.reshard()
+
+
+@contextmanager
+def frozen_forwards(module: nn.Module) -> Iterator[nn.Module]:
+    """Wrap the forwards of a model that never runs backward (a frozen reference, a reward model): under
+    FSDP its gathered full weights are freed on exit; nothing in a plain process.
+
+    A trainable root keeps its weights gathered after forward (see shard_model) and gives them back in
+    backward; a frozen model has no backward, so without this its full weights would stay on every rank.
+    """
+    try:
+        yield module
+    finally:
+        reshard(module)
 
 
 def reshard(module: nn.Module) -> None:
     """Free the gathered full weights of every FSDP unit in `module` (a no-op for a module that is not
-    sharded, as in a plain process).
-
-    A frozen model never runs backward, which is where a trainable root (kept gathered after forward,
-    see shard_model) gives its full weights back; the stages call this once they are done with one.
-    """
+    sharded, as in a plain process)."""
     for m in fsdp_modules(module):
         m.reshard()
 
@@ -314,26 +326,22 @@ def load_sharded_from_rank0(module: nn.Module, ctx: DistContext) -> list[nn.Modu
     return roots
 
 
-def prepare_stage(stage, ctx: DistContext) -> None:
-    """Shard a built stage in place: its trainable model under FSDP2, its frozen models
-    (`stage.frozen_modules()`: a reference copy, a reward model) the same way, so that each rank holds
-    1/N of them too, its data iterators by rank, and (ppo) generation with gathered weights. Call before
-    the Trainer builds its optimizer (the frozen models have no gradients and no optimizer states)."""
-    from minirlhf.batching import BatchIterator
-
-    ctx.skeleton = meta_copy(stage.model)
-    for module in [stage.model, *stage.frozen_modules()]:
+def prepare(model: nn.Module, frozen: list[nn.Module], iterators: list, ctx: DistContext) -> nn.Module:
+    """Shard a built stage's pieces in place (trainer.Trainer calls this with what trainer.Stage declares):
+    the trainable `model` under FSDP2, the `frozen` models (a reference copy, a reward model) the same way,
+    so that each rank holds 1/N of them too, and each of `iterators` by rank (`shard(rank, world_size)`).
+    A module that ranks other than 0 built on the meta device is filled from rank 0. Call before the
+    optimizer is built (the frozen models have no gradients and no optimizer states). Returns a meta-device
+    copy of the unsharded model, the skeleton `export_final` fills."""
+    skeleton = meta_copy(model)
+    for module in [model, *frozen]:
         if _built_on_meta(module, ctx):
             load_sharded_from_rank0(module, ctx)
         else:
             shard_model(module, ctx)
-    for name in ("batches", "ptx"):
-        it = getattr(stage, name, None)
-        if isinstance(it, BatchIterator):
-            it.shard(ctx.rank, ctx.world_size)
-    if hasattr(stage, "generation_context"):
-        stage.generation_context = functools.partial(unsharded, stage.policy,
-                                                     reshard_after_forward=ctx.reshard_after_forward)
+    for it in iterators:
+        it.shard(ctx.rank, ctx.world_size)
+    return skeleton
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,24 +454,12 @@ def consolidated_copy(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn
     return model
 
 
-def export_final(stage, out_dir: Path, ctx: DistContext) -> None:
-    """stage.save_final on rank 0 with an unsharded CPU copy of the trained model standing in for the
-    sharded one (every attribute of the stage that is, or sits inside, stage.model is swapped for its
-    counterpart in the copy, then put back)."""
-    state = full_state_on_rank0(stage.model)
+def export_final(model: nn.Module, skeleton: nn.Module, ctx: DistContext, save: Callable[[nn.Module], None]) -> None:
+    """save(an unsharded CPU copy of the trained `model`) on rank 0 (collective: every rank gathers).
+    skeleton: the meta copy `prepare` returned."""
+    state = full_state_on_rank0(model)
     if ctx.is_main:
-        full = consolidated_copy(ctx.skeleton, state)
+        full = consolidated_copy(skeleton, state)
         del state
-        names = {id(m): n for n, m in stage.model.named_modules()}
-        saved = {}
-        for attr, value in vars(stage).items():
-            if isinstance(value, nn.Module) and id(value) in names:
-                saved[attr] = value
-        try:
-            for attr, value in saved.items():
-                setattr(stage, attr, full.get_submodule(names[id(value)]))
-            stage.save_final(out_dir)
-        finally:
-            for attr, value in saved.items():
-                setattr(stage, attr, value)
+        save(full)
     ctx.barrier()

@@ -1,36 +1,33 @@
-"""The one training loop every stage shares.
+"""The one training loop every stage shares, and the contract between it and a stage.
 
-A stage (sft.py, rm.py, dpo.py, kto.py, ppo.py) says what a batch's loss is; the trainer does the
-rest: AdamW with warmup and decay, gradient accumulation, clipping, precision, evaluation, logging,
-atomic checkpoints with exact resume, Ctrl-C, and stopping on a non-finite or diverged loss.
+A stage (minirlhf/stages) says what a batch's loss is; the trainer does the rest: AdamW with warmup and
+decay, gradient accumulation, clipping, precision, evaluation, logging (run_log.py), atomic checkpoints
+with exact resume (checkpointing.py), Ctrl-C (interrupts.py), and stopping on a non-finite or diverged
+loss. Under torchrun it shards the stage through distributed.py, which sees only what `Stage` declares.
 
-    step = one optimizer update = grad_accum micro-batches (ppo: one rollout and its PPO epochs)
+    step = one trainer step = grad_accum micro-batches and one update (ppo: one rollout and its updates)
 
-Checkpoints (checkpointing.py) live in OUTPUT/checkpoints/step-NNNNNNN/ and hold everything that changes
-during training. The step counter, data position, RNG and weights of a checkpoint always belong together:
-a Ctrl-C that arrives while the weights are being updated is held back until the step is complete (see
-`DeferredInterrupt`).
+The step counter, data position, RNG and weights of a checkpoint always belong together: a Ctrl-C that
+arrives while the weights are being updated is held back until the step is complete.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import signal
-import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from tqdm import tqdm
 
+from minirlhf import distributed
 from minirlhf.checkpointing import (
     STATE_FORMAT,
     load_checkpoint,
@@ -42,21 +39,26 @@ from minirlhf.checkpointing import (
     set_rng_state,
     trainable_names,
 )
-from minirlhf.config import Config
 from minirlhf.errors import TrainingError
+from minirlhf.interrupts import DeferredInterrupt
 from minirlhf.run_dir import OutputDir, OutputDirError, claim_output_dir
+from minirlhf.run_log import MetricsLog, plot_metrics
+
+if TYPE_CHECKING:
+    from minirlhf.config import Config
+    from minirlhf.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Stage", "StepResult", "Trainer", "TrainingError", "autocast_for", "decay_groups", "has_diverged",
-           "lr_factor", "plot_metrics"]
+__all__ = ["Batches", "Stage", "StepResult", "Trainer", "TrainingError", "autocast_for", "decay_groups",
+           "has_diverged", "lr_factor"]
 
 DIVERGENCE_PATIENCE = 3  # consecutive logged losses
 
 
 @dataclass
 class StepResult:
-    """What one optimizer step reports: scalar metrics and the number of tokens it trained on."""
+    """What one trainer step reports: scalar metrics and the number of tokens it trained on."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
@@ -77,24 +79,58 @@ def decay_groups(module: nn.Module, lr: float | None = None) -> list[dict[str, A
     return groups
 
 
-class Stage:
-    """What a stage plugs into the trainer. Subclasses set `model` and `batches` and define `loss`.
+# --------------------------------------------------------------------------------------------------
+# the contract
 
-    `model`   the module that owns every trainable parameter (policy, value head, adapters ...)
-    `batches` a resumable iterator of micro-batches (batching.BatchIterator): `next()`,
-              `state_dict()`, `load_state_dict()`, `batches_per_epoch`
+
+class Batches(Protocol):
+    """A resumable, shardable iterator of micro-batches (batching.BatchIterator is the one minirlhf has)."""
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this rank reads per pass over its data."""
+
+    def __next__(self) -> Any:
+        """The next batch (it never ends; a new epoch reshuffles)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the data, for a checkpoint."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only this rank's share from now on (under torchrun)."""
+
+
+class Stage:
+    """What a stage is to the trainer, and through it to `distributed`: nothing else of a stage is read.
+
+    cfg       the run's Config
+    model     the module that owns every trainable parameter (the policy, a value head, adapters ...);
+              the trainer optimises and checkpoints its trainable parameters
+    batches   the training micro-batches (ppo: prompt batches), whose position a checkpoint keeps
+
+    What the stage runs besides `model`: `iterators()` (every Batches it reads, sharded by rank under
+    torchrun) and `frozen_modules()` (models it runs without training them, sharded too). Its forwards
+    of frozen models go through distributed.frozen_forwards, generation through distributed.gathered:
+    no stage calls FSDP itself.
+
+    One step: `train_step` (by default: grad_accum micro-batches through `loss`, weighted by
+    `loss_tokens`, then one `trainer.optimizer_step()`); the trainer alone advances the lr schedule, once
+    per step, whatever the number of updates. The metrics a step returns are averaged over ranks, then
+    `reduce_metrics` turns them into the logged ones (kto's per-class means).
+    At the end: `evaluate` (also every [train] eval_every steps), then `save_final(out_dir, model)` with the
+    trained model (under torchrun an unsharded CPU copy of it). `state_dict` / `load_state_dict`: what
+    else a resume needs (ppo's KL controller).
     """
 
+    cfg: Config
     model: nn.Module
-    batches: Any
+    batches: Batches
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss of one micro-batch and detached metrics (each a scalar tensor)."""
         raise NotImplementedError
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters grouped for AdamW (see `decay_groups`)."""
-        return decay_groups(self.model)
 
     def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int | None:
         """How many tokens the mean that `loss` returns is taken over (pt/sft: the trained labels), read
@@ -104,13 +140,8 @@ class Stage:
         every micro-batch counts the same."""
         return None
 
-    def chance_loss(self) -> float | None:
-        """The training loss of a model that has learned nothing (pt/sft: ln V, a uniform guess over the
-        vocabulary), by which the trainer recognises a diverged run (`has_diverged`); None = unchecked."""
-        return None
-
-    def train_step(self, trainer: "Trainer") -> StepResult:
-        """One optimizer step: accumulate grad_accum micro-batches, then update. ppo overrides this."""
+    def train_step(self, trainer: Trainer) -> StepResult:
+        """One trainer step: accumulate grad_accum micro-batches, then update. ppo overrides this."""
         batches = [next(self.batches) for _ in range(trainer.cfg.train.grad_accum)]  # on the host
         weights = trainer.micro_batch_weights([self.loss_tokens(b) for b in batches])
         totals: dict[str, torch.Tensor] = {}  # summed on the device, read once per step
@@ -127,21 +158,41 @@ class Stage:
         metrics.update(trainer.optimizer_step())
         return StepResult(metrics, tokens)
 
+    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The logged metrics of a step from what train_step returned, after the mean over ranks (each value
+        summed over the step's micro-batches with their weights). The default logs them as they are; a
+        stage whose metrics are ratios returns numerators and denominators and divides them here."""
+        return metrics
+
+    def chance_loss(self) -> float | None:
+        """The training loss of a model that has learned nothing (pt/sft: ln V, a uniform guess over the
+        vocabulary), by which the trainer recognises a diverged run (`has_diverged`); None = unchecked."""
+        return None
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters grouped for AdamW (see `decay_groups`)."""
+        return decay_groups(self.model)
+
     def steps_per_epoch(self) -> int:
         """Trainer steps in one pass over the data (ppo: over the prompts, one rollout a step)."""
         return math.ceil(self.batches.batches_per_epoch / self.cfg.train.grad_accum)
 
+    def iterators(self) -> list[Batches]:
+        """Every iterator of batches the stage reads (ppo adds its pretraining batches)."""
+        return [self.batches]
+
     def frozen_modules(self) -> list[nn.Module]:
         """Models the stage runs but does not train and that are not inside `model` (a frozen reference
-        copy, a reward model), for distributed.prepare_stage to shard too; none by default."""
+        copy, a reward model); none by default."""
         return []
 
-    def evaluate(self, trainer: "Trainer") -> dict[str, float]:
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Metrics on the eval data (prefixed "eval/" by the trainer); none by default."""
         return {}
 
-    def save_final(self, out_dir: Path) -> None:
-        """Write the trained model (HF format, or the adapter) into out_dir."""
+    def save_final(self, out_dir: Path, model: nn.Module) -> None:
+        """Write the trained `model` (this stage's `model`, or under torchrun an unsharded CPU copy of it)
+        into out_dir: an HF-format directory, or the adapter."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -153,7 +204,7 @@ class Stage:
 
 
 # --------------------------------------------------------------------------------------------------
-# precision and schedule
+# precision, schedule, divergence
 
 
 def autocast_for(precision: str, device: torch.device | str):
@@ -163,7 +214,6 @@ def autocast_for(precision: str, device: torch.device | str):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
-
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -177,10 +227,6 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     if schedule == "linear":
         return 1.0 - (1.0 - min_ratio) * progress
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# --------------------------------------------------------------------------------------------------
-# divergence, interrupts
 
 
 def has_diverged(losses: list[float], chance: float, patience: int = DIVERGENCE_PATIENCE) -> bool:
@@ -199,57 +245,20 @@ def has_diverged(losses: list[float], chance: float, patience: int = DIVERGENCE_
     return any(x < 0.9 * chance for x in before) and all(x >= 0.99 * chance for x in tail)
 
 
-class DeferredInterrupt:
-    """Holds Ctrl-C (SIGINT) back from `hold()` to `release()`, which then raises the KeyboardInterrupt.
-
-    The trainer holds it from the moment it starts updating the weights until the step counter, data
-    position and RNG state after the step are recorded, so that an interrupt never leaves weights of one
-    step with the position of another. A second Ctrl-C while held interrupts at once and marks the state
-    `torn` (the trainer then writes no checkpoint). Only the main thread can take signals, and only
-    Python's default SIGINT handler (Ctrl-C raises KeyboardInterrupt) is replaced; otherwise (SIGINT
-    ignored, as in a background job, or handled by the application) holding does nothing.
-    """
-
-    def __init__(self):
-        self.enabled = False  # the trainer's loop enables it; a stage stepped by hand is left alone
-        self.pending = False
-        self.torn = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.pending:
-            self.torn = True
-            raise KeyboardInterrupt
-        self.pending = True
-
-    def hold(self) -> None:
-        if not self.enabled or self._previous is not None or threading.current_thread() is not threading.main_thread():
-            return
-        previous = signal.getsignal(signal.SIGINT)
-        if previous is not signal.default_int_handler:  # SIGINT ignored, or someone else's handler: theirs
-            return
-        self._previous = previous
-        signal.signal(signal.SIGINT, self._handler)
-
-    def release(self, raise_pending: bool = True) -> None:
-        if self._previous is None:
-            return
-        signal.signal(signal.SIGINT, self._previous)
-        self._previous = None
-        pending, self.pending = self.pending, False
-        if pending and raise_pending:
-            raise KeyboardInterrupt
+# --------------------------------------------------------------------------------------------------
+# the loop
 
 
 class Trainer:
-    """Runs a Stage under a Config: `Trainer(cfg, stage).fit()`."""
+    """Runs a Stage under a Config: `Trainer(cfg, stage).fit()`. It alone owns the optimizer and the lr
+    schedule, the step counter, precision, logging, checkpoints and Ctrl-C."""
 
-    def __init__(self, cfg: Config, stage: Stage, device: torch.device | str | None = None, dist=None,
-                 run_dir: OutputDir | None = None):
-        """dist: a distributed.DistContext when run under torchrun (the stage already prepared by
-        distributed.prepare_stage), else None. run_dir: the output directory already claimed for this run
-        (run_dir.claim_output_dir, as train.py does before building the stage); fit() claims it when None
-        and releases it when done."""
+    def __init__(self, cfg: Config, stage: Stage, device: torch.device | str | None = None,
+                 dist: DistContext | None = None, run_dir: OutputDir | None = None):
+        """dist: the DistContext when run under torchrun, else None; the stage's model, frozen models and
+        iterators are then sharded here (distributed.prepare), before the optimizer is built. run_dir: the
+        output directory already claimed for this run (run_dir.claim_output_dir, as `minirlhf train` does
+        before building the stage); fit() claims it when None and releases it when done."""
         self.cfg = cfg
         self.stage = stage
         self.dist = dist
@@ -260,7 +269,11 @@ class Trainer:
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.interrupts = DeferredInterrupt()
+        self.metrics_log = MetricsLog(self.out, enabled=self.is_main)
         self._boundary: dict[str, Any] | None = None
+        # a meta-device copy of the unsharded model, for the final export (under torchrun)
+        self.skeleton = (distributed.prepare(stage.model, stage.frozen_modules(), stage.iterators(), dist)
+                         if dist is not None else None)
         groups = stage.param_groups()
         for g in groups:
             if g.get("weight_decay") is None:
@@ -279,7 +292,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.scheduler = self._make_scheduler(0)
 
-    # -- pieces a stage's train_step uses ------------------------------------------------------
+    # -- the schedule ----------------------------------------------------------------------------
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -293,6 +306,12 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.schedule, t.min_lr_ratio),
             last_epoch=steps_done - 1)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- pieces a stage's train_step uses ------------------------------------------------------
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -320,14 +339,13 @@ class Trainer:
         if not bool(torch.isfinite(loss)):
             shown = {k: round(float(v), 4) for k, v in (metrics or {}).items()}
             raise TrainingError(f"non-finite loss ({float(loss)}) at step {self.step + 1}; metrics {shown}; "
-                                f"{self._last_good()}. Try a lower lr, fp32 precision, or check the data.")
+                                f"{self.last_good()}. Try a lower lr, fp32 precision, or check the data.")
         loss.backward()
 
-    def optimizer_step(self, advance_schedule: bool = True) -> dict[str, float]:
-        """Clip, step and (unless told not to) advance the lr schedule; returns grad_norm and learning_rate.
-
-        ppo makes several updates per trainer step and advances the schedule once per rollout. From the
-        first update of a step to its end, Ctrl-C is held back (see `fit`)."""
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip the gradient and update the weights; returns grad_norm. A stage may call it several times in
+        one train_step (ppo: once per minibatch); the schedule advances once per trainer step, in `fit`.
+        From the first update of a step to its end, Ctrl-C is held back (see `fit`)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.train.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -335,17 +353,15 @@ class Trainer:
             norm = norm.full_tensor()
         if not bool(torch.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; {self._last_good()}")
+            raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; {self.last_good()}")
         self.interrupts.hold()
         self.optimizer.step()
-        if advance_schedule:
-            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "learning_rate": self.optimizer.param_groups[0]["lr"]}
+        return {"grad_norm": float(norm)}
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _last_good(self) -> str:
+    def last_good(self) -> str:
         return f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
             "no checkpoint was written yet"
 
@@ -357,7 +373,7 @@ class Trainer:
         except (OSError, SafetensorError) as e:
             where = getattr(e, "filename", None) or what
             raise OutputDirError(f"cannot write {where}: {getattr(e, 'strerror', None) or e}; "
-                                 f"{self._last_good()}") from None
+                                 f"{self.last_good()}") from None
 
     def _resumable_state(self) -> dict[str, Any]:
         """Step counter, RNG, data position, schedule and stage state, taken together at a step boundary: a
@@ -405,38 +421,9 @@ class Trainer:
 
     # -- logging -------------------------------------------------------------------------------
 
-    def _open_metrics(self):
-        """metrics.jsonl, and every other per-step log (ppo's samples.jsonl), cut back to the resumed step
-        so the curves continue without a seam; a line torn by a kill mid-write is dropped."""
-        for path in self.out.glob("*.jsonl"):
-            kept, torn = [], 0
-            for line in path.read_text(errors="replace").splitlines():
-                try:
-                    row = json.loads(line) if line.strip() else None
-                except json.JSONDecodeError:
-                    row, torn = None, torn + 1
-                if isinstance(row, dict) and row.get("step", 0) <= self.step:
-                    kept.append(line)
-            if torn:
-                logger.warning("%s: dropped %d unreadable line(s) (cut by a kill mid-write)", path, torn)
-            path.write_text("".join(line + "\n" for line in kept))
-        return open(self.out / "metrics.jsonl", "a")
-
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return None
-        return SummaryWriter(str(self.out / "tensorboard"))
-
     def log(self, row: dict[str, Any]) -> None:
         with self.writing(self.out / "metrics.jsonl"):
-            self._metrics_file.write(json.dumps(row) + "\n")
-            self._metrics_file.flush()
-            if self._tb is not None:
-                for k, v in row.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        self._tb.add_scalar(k, v, row["step"])
+            self.metrics_log.write(row)
 
     def _check_divergence(self, row: dict[str, Any], losses: list[float]) -> None:
         chance = self.stage.chance_loss()
@@ -447,7 +434,7 @@ class Trainer:
             shown = ", ".join(f"{x:.3f}" for x in losses[-DIVERGENCE_PATIENCE:])
             raise TrainingError(f"training diverged at step {self.step}: the last {DIVERGENCE_PATIENCE} logged "
                                 f"losses ({shown}) are at or past {chance:.3f}, the loss of a model that has "
-                                f"learned nothing (see docs/training.md); {self._last_good()}. Try a lower lr.")
+                                f"learned nothing (see docs/training.md); {self.last_good()}. Try a lower lr.")
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -475,8 +462,7 @@ class Trainer:
         if self.dist is not None:
             self.dist.barrier()  # rank 0 may still be cutting metrics.jsonl of a resumed run
         with self.writing(self.out / "metrics.jsonl"):
-            self._metrics_file = self._open_metrics() if self.is_main else open(os.devnull, "w")
-            self._tb = self._tensorboard() if self.is_main else None
+            self.metrics_log.open(self.step)
         status = "completed"
         losses: list[float] = []  # logged training losses, for the divergence check
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.stage, dynamic_ncols=True,
@@ -493,6 +479,7 @@ class Trainer:
                 self._boundary = self._resumable_state()  # what an interrupt before this step's update saves
                 start = time.perf_counter()
                 result = self.stage.train_step(self)
+                self.scheduler.step()  # once per trainer step, however many updates the stage made
                 # the update is in: from here an interrupt saves the state after this step
                 self._boundary = {**self._resumable_state(), "step": self.step + 1}
                 self.step = self._boundary["step"]
@@ -500,7 +487,8 @@ class Trainer:
                 metrics, tokens = result.metrics, result.tokens
                 if self.dist is not None:  # means over ranks; tokens of all ranks
                     metrics, tokens = self.dist.mean_metrics(metrics), self.dist.sum(tokens)
-                row = {"step": self.step, **metrics, "tokens_per_s": tokens / elapsed, "time/step": elapsed}
+                row = {"step": self.step, **self.stage.reduce_metrics(metrics), "learning_rate": self.learning_rate,
+                       "tokens_per_s": tokens / elapsed, "time/step": elapsed}
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     self.log(row)
                     self._check_divergence(row, losses)
@@ -517,7 +505,7 @@ class Trainer:
             status = "interrupted"
             if self.interrupts.torn:
                 bar.write(f"interrupted twice while updating the weights of step {self.step + 1}: no checkpoint "
-                          f"written; {self._last_good()}")
+                          f"written; {self.last_good()}")
             else:
                 bar.write(f"interrupted at step {self._boundary['step']}: saving a checkpoint")
                 self.stage.model.zero_grad(set_to_none=True)  # a half-done step is dropped and redone
@@ -526,17 +514,14 @@ class Trainer:
             self.interrupts.release(raise_pending=False)
             self.interrupts.enabled = False
             bar.close()
-            self._metrics_file.close()
-            if self._tb is not None:
-                self._tb.close()
+            self.metrics_log.close()
         if status == "completed":
             with self.writing(self.out):
-                if self.dist is not None:
-                    from minirlhf.distributed import export_final
-
-                    export_final(self.stage, self.out, self.dist)
+                if self.dist is not None:  # rank 0 saves an unsharded CPU copy of the trained model
+                    distributed.export_final(self.stage.model, self.skeleton, self.dist,
+                                             lambda model: self.stage.save_final(self.out, model))
                 else:
-                    self.stage.save_final(self.out)
+                    self.stage.save_final(self.out, self.stage.model)
                 if self.is_main:
                     plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
         self.run_dir.record()
@@ -550,42 +535,3 @@ class Trainer:
         if metrics:
             self.log({"step": self.step, **{f"eval/{k}": float(v) for k, v in metrics.items()}})
         return metrics
-
-
-def plot_metrics(metrics_path: Path, png_path: Path, keys: Iterator[str] | None = None) -> Path | None:
-    """Draw every numeric metric of metrics.jsonl against step into one PNG (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("no %s: matplotlib is not installed (pip install matplotlib)", png_path.name)
-        return None
-    if not metrics_path.exists():
-        return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    series: dict[str, tuple[list, list]] = {}
-    for row in rows:
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and (keys is None or k in keys):
-                xs, ys = series.setdefault(k, ([], []))
-                xs.append(row["step"])
-                ys.append(v)
-    if not series:
-        return None
-    n = len(series)
-    cols = min(3, n)
-    rows_n = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 2.8 * rows_n), squeeze=False)
-    for ax, (k, (xs, ys)) in zip(axes.flat, sorted(series.items())):
-        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
-        ax.set_title(k, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
-    return png_path

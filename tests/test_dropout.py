@@ -64,7 +64,7 @@ def first_minibatch_in_train_mode(stage: ppo.PPOStage, trainer: Trainer):
     """The rollout, and the policy log-probs and critic values the first update computes (train mode, with
     gradient, the rollout's own micro-batches)."""
     torch.manual_seed(0)
-    rollout, _ = stage.make_rollout(trainer.to_device(next(stage.batches)), trainer.autocast)
+    rollout, _ = stage.experience(trainer.to_device(next(stage.batches)), trainer)
     stage.model.train()
     logprobs, values = [], []
     for rows in torch.arange(rollout.size).split(stage.cfg.ppo.micro_batch_size):

@@ -146,9 +146,9 @@ def test_class_balance_warning(tiny, caplog):
 def test_class_means_over_accumulated_micro_batches():
     # two micro-batches averaged by the trainer (grad_accum = 2): desirable rewards 1.0 (1 row) and
     # 2.0, 4.0 (2 rows) -> sums 1 and 6, counts 1 and 2 -> averaged 3.5 / 1.5 = 7/3 = mean of (1, 2, 4)
-    averaged = {"loss": 0.5, "_count/chosen": 1.5, "_sum/rewards/chosen": 3.5, "_sum/logps/chosen": -6.0,
-                "_count/rejected": 0.0, "_sum/rewards/rejected": 0.0, "_sum/logps/rejected": 0.0}
-    out = kto.KTOStage.class_means(averaged)
+    averaged = {"loss": 0.5, "count/chosen": 1.5, "sum/rewards/chosen": 3.5, "sum/logps/chosen": -6.0,
+                "count/rejected": 0.0, "sum/rewards/rejected": 0.0, "sum/logps/rejected": 0.0}
+    out = kto.KTOStage.reduce_metrics(averaged)
     assert out == {"loss": 0.5, "rewards/chosen": pytest.approx(7 / 3), "logps/chosen": pytest.approx(-4.0)}
 
 
@@ -196,22 +196,22 @@ def test_class_means_pool_the_ranks_so_every_rank_logs_the_same_keys(tiny):
     # sum to 0.4 -> pooled sums (0 + 0.4) / 2 and counts (0 + 2) / 2 -> rewards/chosen = 0.2 on both ranks.
     bad_only = write_jsonl(tiny["dir"] / "bad_only.jsonl", kto_rows(8, desirable_every=100)[1:])
     stage, trainer = make_stage(tiny, "ranks", train=bad_only)
-    trainer.dist = OtherRank(metrics={"_count/chosen": 2.0, "_sum/rewards/chosen": 0.4,
-                                      "_sum/logps/chosen": -12.0})
-    metrics = stage.train_step(trainer).metrics
+    other = OtherRank(metrics={"count/chosen": 2.0, "sum/rewards/chosen": 0.4, "sum/logps/chosen": -12.0})
+    # what the trainer does with a step's metrics: the mean over ranks, then the stage's reduce_metrics
+    metrics = stage.reduce_metrics(other.mean_metrics(stage.train_step(trainer).metrics))
     assert metrics["rewards/chosen"] == pytest.approx(0.2) and metrics["logps/chosen"] == pytest.approx(-6.0)
     assert {"rewards/rejected", "logps/rejected", "rewards/margins", "kl", "kl_estimate"} <= set(metrics)
-    assert not any(k.startswith("_") for k in metrics)
+    assert not any(k.startswith(("sum/", "count/")) for k in metrics)
 
 
 def test_steps_raise_held_out_margin(tiny):
     stage, trainer = make_stage(tiny, "learn", "kto.beta=1.0", "train.lr=5e-3")
     before = stage.evaluate(trainer)
     for _ in range(8):
-        result = stage.train_step(trainer)
+        logged = stage.reduce_metrics(stage.train_step(trainer).metrics)  # as the trainer logs a step
     # TRL's KTOTrainer names (chosen = desirable, rejected = undesirable)
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl",
-            "loss"} <= set(result.metrics)
+            "loss"} <= set(logged)
     after = stage.evaluate(trainer)
     assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
     assert after["rewards/margins"] > 1.0 and after["loss"] < before["loss"], (before, after)

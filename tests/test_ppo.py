@@ -27,17 +27,22 @@ from helpers_tiny import (
 from minirlhf.toml_fields import ConfigError
 from minirlhf.heads import RewardModel
 from minirlhf.lora import LoRALinear, ModulesToSave, disable_adapters, lora_layers
-from minirlhf.losses import gae, group_relative_advantages, leave_one_out_advantages
+from minirlhf.losses import gae, group_relative_advantages, leave_one_out_advantages, ppo_advantages
 from minirlhf.model import Transformer
 from minirlhf.stages.ppo import (
     AdaptiveKLController,
     FixedKLController,
     PPOStage,
-    RunningMoments,
-    advantages,
     build_stage,
 )
-from minirlhf.stages.rollout import Rollout, generate_rollout, response_logprobs, text_scorer
+from minirlhf.stages.rollout import (
+    Rollout,
+    RunningMoments,
+    append_samples,
+    generate_rollout,
+    response_logprobs,
+    text_scorer,
+)
 from minirlhf.tokenizer_training import train_sentencepiece
 from minirlhf.run_dir import OutputDirError, claim_output_dir
 from minirlhf.errors import TrainingError
@@ -76,7 +81,7 @@ def ppo_config(tiny, out: Path, *overrides: str):
 
 
 def first_rollout(stage: PPOStage, trainer: Trainer) -> Rollout:
-    rollout, _ = stage.make_rollout(trainer.to_device(next(stage.batches)), trainer.autocast)
+    rollout, _ = stage.experience(trainer.to_device(next(stage.batches)), trainer)
     stage.compute_advantages(rollout, stage.kl_ctl.value)
     return rollout
 
@@ -111,7 +116,7 @@ def test_rollout_shapes_and_masks(tiny, tmp_path):
         assert (getattr(rollout, name)[~mask] == 0).all(), name
     assert (rollout.logprobs[mask] < 0).all()
     # the samples file got this step's rows
-    stage.log_samples(rollout, step=1, path=tmp_path / "out" / "samples.jsonl")
+    append_samples(tmp_path / "out" / "samples.jsonl", tiny["tok"], rollout, step=1)
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and rows[0]["prompt"].endswith("assistant\n") and "score" in rows[0]
 
@@ -148,7 +153,7 @@ def test_recomputed_logprobs_equal_generation_logprobs(tiny, temperature):
 def test_reference_with_adapter_disabled_equals_fresh_base(tiny, tmp_path):
     cfg = ppo_config(tiny, tmp_path / "out", "lora.enabled=true", "lora.r=4")
     stage = build_stage(cfg)
-    assert stage.reference is stage.policy  # one base shared by policy and reference
+    assert stage.reference.adapters_off and stage.reference.model is stage.policy  # one base for both
     with torch.no_grad():  # move the adapter away from its zero start so the policy differs from the base
         for _, layer in lora_layers(stage.policy):
             layer.lora_B.weight.normal_(0, 0.5)
@@ -301,18 +306,18 @@ def test_advantage_estimators_by_name():
     torch.manual_seed(0)
     rewards, values = torch.randn(4, 5), torch.randn(4, 5)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
-    adv, ret = advantages("gae", rewards, mask, values, gamma=0.9, lam=0.8)
+    adv, ret = ppo_advantages("gae", rewards, mask, values, gamma=0.9, lam=0.8)
     ref_adv, ref_ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
     torch.testing.assert_close(adv, ref_adv)
     torch.testing.assert_close(ret, ref_ret)
     sequence = (rewards * mask).sum(-1)
     grpo = group_relative_advantages(sequence, 2, eps=1e-6)  # ppo keeps its first eps (the grpo stage: 1e-4)
     for name, expected in (("grpo", grpo), ("rloo", leave_one_out_advantages(sequence, 2))):
-        adv, ret = advantages(name, rewards, mask, group_size=2)
+        adv, ret = ppo_advantages(name, rewards, mask, group_size=2)
         assert ret is None
         torch.testing.assert_close(adv, expected[:, None] * mask)
     with pytest.raises(ValueError, match="estimator must be one of"):
-        advantages("vtrace", rewards, mask, values)
+        ppo_advantages("vtrace", rewards, mask, values)
 
 
 def test_critic_free_rloo_with_a_python_reward(tiny, tmp_path):
@@ -321,8 +326,7 @@ def test_critic_free_rloo_with_a_python_reward(tiny, tmp_path):
                      'ppo.estimator="rloo"')
     base = build_stage(cfg)
     score = text_scorer(tiny["tok"], lambda prompts, answers: [float(len(a)) for a in answers])
-    stage = PPOStage(cfg, base.policy, tiny["tok"], base.batches.examples, score, critic=None,
-                     reference=base.reference)
+    stage = PPOStage(cfg, base.policy, tiny["tok"], base.batches.examples, score, base.reference, critic=None)
     trainer = Trainer(cfg, stage, "cpu")
     torch.manual_seed(0)
     result = stage.train_step(trainer)

@@ -144,7 +144,7 @@ def test_export_with_pad_equal_to_eos_scores_the_same_token_in_transformers(tiny
     assert all(r[-1] == end for r in rows) and len({len(r) for r in rows}) > 1
 
     out = tmp_path / "rm"
-    stage.save_final(out)
+    stage.save_final(out, stage.model)
     pad = json.loads((out / "config.json").read_text())["pad_token_id"]
     assert pad == stage.tok.unk_id != end
     assert transformers.AutoTokenizer.from_pretrained(out).pad_token_id == pad  # what TRL pads with

@@ -53,7 +53,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
     # the run is rebuilt, not claimed: its output directory is only read
     trainer = Trainer(cfg, build_stage(cfg, "cpu"), "cpu")
     trainer.load_checkpoint(checkpoint)  # a folder that is not a checkpoint is a one-line TrainingError
-    trainer.stage.save_final(out)
+    trainer.stage.save_final(out, trainer.stage.model)
 
 
 def run(args: argparse.Namespace) -> int:

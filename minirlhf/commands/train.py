@@ -73,12 +73,13 @@ def resolve_device(name: str | None):
 
 
 def build_stage(cfg, device, ctx=None):
-    """The stage of cfg, built after torch's thread count is set ([train] threads) and every RNG seeded
-    with [train] seed, so that what the stage draws while it is built (LoRA's initialisation, a fresh
-    model) is the same in every run; under torchrun (ctx) sharded with FSDP2."""
+    """The stage of cfg (its build function in the stage registry), built after torch's thread count is set
+    ([train] threads) and every RNG seeded with [train] seed, so that what the stage draws while it is built
+    (LoRA's initialisation, a fresh model) is the same in every run. Under torchrun (ctx) a stage that
+    declares rank-0 loading gets the rank; the Trainer then shards it."""
     import torch
 
-    from minirlhf import distributed, stages
+    from minirlhf import stages
     from minirlhf.checkpointing import seed_everything
 
     if cfg.train.threads:
@@ -86,14 +87,11 @@ def build_stage(cfg, device, ctx=None):
     seed_everything(cfg.train.seed)
     spec = stages.spec(cfg.stage)
     rank = ctx.rank if ctx is not None and spec.rank0_loading else None
-    stage = spec.build(cfg, device, rank)
-    if ctx is not None:
-        distributed.prepare_stage(stage, ctx)
-    return stage
+    return spec.build(cfg, device, rank)
 
 
 def build_trainer(cfg, device_name: str | None = None):
-    """The stage of cfg and its Trainer; under torchrun the stage is sharded first (FSDP2). The output
+    """The stage of cfg and its Trainer (which, under torchrun, shards the stage with FSDP2). The output
     directory is checked and locked (run_dir.claim_output_dir) before anything is built."""
     from minirlhf import distributed
     from minirlhf.run_dir import claim_output_dir

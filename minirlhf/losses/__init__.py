@@ -17,7 +17,8 @@ lives in:
     common.py      IGNORE_INDEX, masked_mean / masked_var / masked_whiten, token_logps, lm_loss,
                    sequence_logps, entropy_from_logits
     preference.py  reward_pair_loss, reward_centering_loss, dpo_loss, simpo_loss, orpo_loss, log1mexp, kto_loss
-    ppo.py         kl_penalized_rewards, gae, ppo_policy_loss, ppo_value_loss, approx_kl
+    ppo.py         kl_penalized_rewards, gae, ppo_advantages, ppo_policy_loss, ppo_value_loss, approx_kl,
+                   explained_variance
     grpo.py        the GRPO family: group_relative_advantages, leave_one_out_advantages, grpo_advantages,
                    grpo_policy_loss, ... (also ppo's critic-free estimators)
 
@@ -50,7 +51,16 @@ from minirlhf.losses.grpo import (
     nan_std,
     weighted_reward_sum,
 )
-from minirlhf.losses.ppo import approx_kl, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
+from minirlhf.losses.ppo import (
+    PPO_ESTIMATORS,
+    approx_kl,
+    explained_variance,
+    gae,
+    kl_penalized_rewards,
+    ppo_advantages,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from minirlhf.losses.preference import (
     dpo_loss,
     kto_loss,
@@ -63,10 +73,11 @@ from minirlhf.losses.preference import (
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "GRPO_LOSS_TYPES", "IGNORE_INDEX", "IMPORTANCE_SAMPLING_LEVELS", "REWARD_AGGREGATIONS",
-    "SCALE_REWARDS", "approx_kl", "decoupled_group_advantages", "dpo_loss", "entropy_from_logits", "gae",
+    "PPO_ESTIMATORS", "SCALE_REWARDS", "approx_kl", "decoupled_group_advantages", "dpo_loss", "entropy_from_logits",
+    "explained_variance", "gae",
     "group_relative_advantages", "grpo_advantages", "grpo_policy_loss", "informative_groups", "kl_penalized_rewards",
     "kto_loss", "leave_one_out_advantages", "lm_loss", "log1mexp", "mask_truncated_completions", "masked_mean",
-    "masked_var", "masked_whiten", "nan_std", "orpo_loss", "ppo_policy_loss", "ppo_value_loss",
+    "masked_var", "masked_whiten", "nan_std", "orpo_loss", "ppo_advantages", "ppo_policy_loss", "ppo_value_loss",
     "reward_centering_loss", "reward_pair_loss", "sequence_logps", "simpo_loss", "token_logps",
     "weighted_reward_sum",
 ]

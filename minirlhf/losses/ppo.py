@@ -1,11 +1,15 @@
-"""PPO for RLHF: the KL-penalised per-token rewards, GAE, and the clipped policy and value losses."""
+"""PPO for RLHF: the KL-penalised per-token rewards, advantages (GAE, or the critic-free GRPO and RLOO),
+the clipped policy and value losses, and the critic's explained variance."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from minirlhf.losses.common import MAX_LOG_RATIO, k3, masked_mean
+from minirlhf.losses.common import MAX_LOG_RATIO, k3, masked_mean, masked_var
+from minirlhf.losses.grpo import group_relative_advantages, leave_one_out_advantages
+
+PPO_ESTIMATORS = ("gae", "grpo", "rloo")  # [ppo] estimator
 
 # ---------------------------------------------------------------------------------------------------
 # PPO: rewards, advantages, clipped objectives
@@ -123,3 +127,49 @@ def ppo_value_loss(
     loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
     clipfrac = masked_mean((clipped_err > unclipped_err).to(values.dtype), mask).detach()
     return loss, clipfrac
+
+
+def ppo_advantages(
+    estimator: str,
+    rewards: Tensor,
+    mask: Tensor,
+    values: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    group_size: int = 1,
+    grpo_eps: float = 1e-6,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token advantages [B, N] (and returns [B, N] for the critic, else None) from rewards [B, N].
+
+    gae:  generalized advantage estimation over the critic's values (Schulman et al. 2016, eq. 16).
+    grpo: the sequence reward R = sum_t r_t (score minus the KL penalties) normalised within each group of
+          `group_size` samples of one prompt (Shao et al. 2024, section 4.1.2), given to every token.
+    rloo: R minus the mean R of the other samples of its prompt (Ahmadian et al. 2024), every token.
+    grpo_eps: the eps of grpo's (r - mean) / (std + eps), 1e-6 for ppo (the grpo stage takes TRL's 1e-4); a
+    group whose samples score alike gets 0 either way.
+    The critic-free advantages are sequence-level quantities and stay as their papers define them: the
+    stage never whitens them again over tokens (that would give a group whose samples scored alike a
+    non-zero advantage whose sign depends on the lengths of other groups' answers).
+    """
+    if estimator == "gae":
+        if values is None:
+            raise ValueError("losses.ppo_advantages: estimator 'gae' needs the critic's values")
+        return gae(rewards, values, mask, gamma=gamma, lam=lam)
+    sequence_reward = (rewards * mask).sum(-1)  # (B,)
+    if estimator == "grpo":
+        per_sequence = group_relative_advantages(sequence_reward, group_size, eps=grpo_eps)
+    elif estimator == "rloo":
+        per_sequence = leave_one_out_advantages(sequence_reward, group_size)
+    else:
+        raise ValueError(f"losses.ppo_advantages: estimator must be one of {', '.join(PPO_ESTIMATORS)}, got "
+                         f"{estimator!r}")
+    return per_sequence[:, None] * mask.to(rewards.dtype), None
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the answer tokens: 1 = perfect critic, 0 = no better
+    than a constant, negative = worse."""
+    var_returns = float(masked_var(returns, mask, unbiased=False))
+    if var_returns == 0:
+        return float("nan")
+    return 1.0 - float(masked_var(returns - values, mask, unbiased=False)) / var_returns

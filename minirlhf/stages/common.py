@@ -13,14 +13,15 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from minirlhf.build import DTYPES, load_model, prepare_backbone
 from minirlhf.config import Config
-from minirlhf.distributed import reshard
+from minirlhf.distributed import frozen_forwards
 from minirlhf.lora import base_state_dict, disable_adapters, has_lora
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
@@ -46,8 +47,8 @@ class PolicyStage(Stage):
     model: Transformer
     tok: Tokenizer
 
-    def save_final(self, out_dir: Path) -> None:
-        save_policy(self.model, self.tok, out_dir, self.cfg.model.path)
+    def save_final(self, out_dir: Path, model: nn.Module) -> None:
+        save_policy(model, self.tok, out_dir, self.cfg.model.path)
 
 
 class Reference:
@@ -56,10 +57,12 @@ class Reference:
     def __init__(self, model: Transformer, adapters_off: bool, source: str):
         self.model, self.adapters_off, self.source = model, adapters_off, source
 
-    def context(self):
+    def context(self) -> AbstractContextManager:
+        """How the reference runs: the policy inside disable_adapters, or a frozen model inside
+        distributed.frozen_forwards (which gives a sharded model's gathered weights back afterwards)."""
         if self.adapters_off:
             return disable_adapters(self.model)
-        return nullcontext()
+        return frozen_forwards(self.model)
 
     def frozen_modules(self) -> list[Transformer]:
         """The reference's own model, when it has one (not when it is the policy with adapters off)."""
@@ -67,8 +70,7 @@ class Reference:
 
     @torch.no_grad()
     def run(self, fn: Callable[[Transformer], torch.Tensor | tuple], *args):
-        """fn(model, *args) under the reference, without gradient (eval mode for the duration). A sharded
-        frozen reference gives its gathered weights back afterwards (distributed.reshard)."""
+        """fn(model, *args) under the reference (`context`), without gradient, in eval mode for the duration."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -76,8 +78,6 @@ class Reference:
                 return fn(self.model, *args)
         finally:
             self.model.train(was_training)
-            if not self.adapters_off:
-                reshard(self.model)
 
     def fingerprint(self) -> str:
         """A hash of the reference's weights as it runs (the base weights when it is the policy with its adapters

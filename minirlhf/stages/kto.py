@@ -55,7 +55,6 @@ from minirlhf.model import Transformer
 from minirlhf.stages import StageSection, StageSpec
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import check, setting
-from minirlhf.trainer import StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +74,7 @@ class KTOSection(StageSection):
 
 
 CLASSES = {"chosen": True, "rejected": False}  # TRL's metric name of each class -> its label
+POOLED = ("sum/", "count/")  # metric keys that reduce_metrics turns into per-class means
 RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)
 
 
@@ -162,40 +162,33 @@ class KTOStage(PolicyStage):
                       **self._class_sums(out, batch["desirable"])}
 
     def _class_sums(self, out: dict[str, torch.Tensor], desirable: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-class sums and counts, under "_"-keys that `class_means` replaces by means once the micro-batches
-        (and ranks) are summed up, so that a micro-batch holding few or none of a class does not bias its mean."""
+        """Per-class sums and counts ("sum/rewards/chosen", "count/chosen" ...), which `reduce_metrics` turns
+        into means once the step's micro-batches (and ranks) are pooled, so that a micro-batch holding few
+        or none of a class does not bias its mean."""
         rewards = self.cfg.kto.beta * (out["policy"] - out["ref"]).detach()
         logps = out["policy"].detach()
         sums = {}
         for name, label in CLASSES.items():
             m = (desirable.bool() == label).to(rewards.dtype)
-            sums[f"_count/{name}"] = m.sum()
-            sums[f"_sum/rewards/{name}"] = (rewards * m).sum()
-            sums[f"_sum/logps/{name}"] = (logps * m).sum()
+            sums[f"count/{name}"] = m.sum()
+            sums[f"sum/rewards/{name}"] = (rewards * m).sum()
+            sums[f"sum/logps/{name}"] = (logps * m).sum()
         return sums
 
     @staticmethod
-    def class_means(metrics: dict[str, float]) -> dict[str, float]:
-        """Replace the per-class sums and counts by means (a class that did not occur is left out)."""
-        out = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+        """The per-class sums and counts replaced by means: pooled over the step's micro-batches and, under
+        torchrun, all ranks (the trainer's mean over ranks scales sums and counts alike), so every rank logs
+        the same keys and values. A class that did not occur is left out."""
+        out = {k: v for k, v in metrics.items() if not k.startswith(POOLED)}
         for name in CLASSES:
-            n = metrics.get(f"_count/{name}", 0.0)
+            n = metrics.get(f"count/{name}", 0.0)
             if n > 0:
                 for what in ("rewards", "logps"):
-                    out[f"{what}/{name}"] = metrics[f"_sum/{what}/{name}"] / n
+                    out[f"{what}/{name}"] = metrics[f"sum/{what}/{name}"] / n
         if "rewards/chosen" in out and "rewards/rejected" in out:
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return out
-
-    def train_step(self, trainer) -> StepResult:
-        """The default step; then class means from the sums of all its micro-batches and, under torchrun, of
-        all ranks (mean_metrics scales sums and counts alike), so every rank logs the same keys and values."""
-        result = super().train_step(trainer)
-        metrics = result.metrics
-        if trainer.dist is not None:
-            sums = trainer.dist.mean_metrics({k: v for k, v in metrics.items() if k.startswith("_")})
-            metrics = {**metrics, **sums}
-        return StepResult(self.class_means(metrics), result.tokens)
 
     def eval_chunks(self) -> list[Sequence[dict]]:
         """Eval micro-batches in order; a last chunk of one example joins the one before it (a batch of
@@ -215,10 +208,10 @@ class KTOStage(PolicyStage):
         for chunk in self.eval_chunks():
             _, metrics = self.loss(trainer.to_device(self.collate(chunk)))
             for k, v in metrics.items():
-                w = 1.0 if k.startswith("_") else len(chunk)
+                w = 1.0 if k.startswith(POOLED) else len(chunk)
                 totals[k] = totals.get(k, 0.0) + float(v) * w
         n = len(self.eval_examples)
-        return self.class_means({k: v if k.startswith("_") else v / n for k, v in totals.items()})
+        return self.reduce_metrics({k: v if k.startswith(POOLED) else v / n for k, v in totals.items()})
 
 
 def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> KTOStage:

@@ -32,12 +32,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
-import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,60 +41,47 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from minirlhf.build import (
-    DTYPES,
-    apply_lora,
-    build_model,
-    build_tokenizer,
-    check_same_tokenizer,
-    disable_dropout,
-    prepare_backbone,
-)
+from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer, disable_dropout, load_scalar_model
 from minirlhf.config import Config
-from minirlhf.batching import BatchIterator, collate_prompts, collate_sft, pack_documents
-from minirlhf.data import build_datasets, encode_text, load_examples
-from minirlhf.distributed import all_mean, gather_cat, reshard, world_size
-from minirlhf.stages.common import build_reference, save_policy
-from minirlhf.heads import NotARewardModel, RewardModel
+from minirlhf.batching import BatchIterator, collate_prompts, collate_sft
+from minirlhf.data import build_datasets, load_text_blocks
+from minirlhf.distributed import all_mean, world_size
+from minirlhf.heads import RewardModel
 from minirlhf.logprobs import causal_lm_loss
-from minirlhf.lora import disable_adapters, has_lora, merge_and_unload
+from minirlhf.lora import has_lora, merge_and_unload
 from minirlhf.losses import (
+    PPO_ESTIMATORS,
     approx_kl,
-    gae,
-    group_relative_advantages,
+    explained_variance,
     kl_penalized_rewards,
-    leave_one_out_advantages,
     masked_mean,
-    masked_var,
     masked_whiten,
+    ppo_advantages,
     ppo_policy_loss,
     ppo_value_loss,
 )
 from minirlhf.model import Transformer
+from minirlhf.stages import StageSection, StageSpec
+from minirlhf.stages.common import Reference, build_reference, save_policy
 from minirlhf.stages.rollout import (
     RewardModelScorer,
     Rollout,
     ScoreFn,
-    decode_rollout,
-    generate_rollout,
-    micro_batches,
+    ScoreShaping,
+    append_samples,
+    greedy_rollouts,
+    make_rollout,
+    non_finite_parts,
     response_logprobs,
     response_values,
+    sync_time,
 )
-from minirlhf.stages import StageSection, StageSpec
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.toml_fields import check, check_choice, setting, toml_value
-from minirlhf.toml_fields import ConfigError
+from minirlhf.toml_fields import ConfigError, check, check_choice, setting, toml_value
 from minirlhf.errors import TrainingError
 from minirlhf.trainer import Stage, StepResult, Trainer, decay_groups
 
 logger = logging.getLogger(__name__)
-
-ESTIMATORS = ("gae", "grpo", "rloo")
-# the eps of grpo's (r - mean) / (std + eps): 1e-6 since ppo first had the estimator (the grpo stage takes
-# TRL's 1e-4); a group whose samples score alike gets 0 either way
-GRPO_EPS = 1e-6
-
 
 @dataclass
 class PPOSection(StageSection):
@@ -164,7 +147,7 @@ class PPOSection(StageSection):
         check(self.top_k >= 0, s, "top_k", ">= 0", self.top_k)
         check(0.0 < self.top_p <= 1.0, s, "top_p", "in (0, 1]", self.top_p)
         check(self.log_samples_every >= 0, s, "log_samples_every", ">= 0", self.log_samples_every)
-        check_choice(s, "estimator", self.estimator, ESTIMATORS)
+        check_choice(s, "estimator", self.estimator, PPO_ESTIMATORS)
         check_choice(s, "reward_dtype", self.reward_dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ConfigError(f"[{s}] samples_per_prompt must be >= 2 for estimator = "
@@ -236,94 +219,6 @@ class AdaptiveKLController(FixedKLController):
 
 
 # --------------------------------------------------------------------------------------------------
-# running score statistics
-
-
-class RunningMoments:
-    """Mean and (unbiased) standard deviation of every score seen so far, merged batch by batch with the
-    parallel update of Chan, Golub & LeVeque 1979:
-
-        delta = mean_b - mean,   n' = n + n_b,   mean' = mean + delta * n_b / n'
-        M2' = M2 + M2_b + delta^2 * n * n_b / n',    std = sqrt(M2 / (n - 1))
-    """
-
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().double().reshape(-1)
-        n_b = x.numel()
-        if n_b == 0:
-            return
-        mean_b = float(x.mean())
-        m2_b = float(((x - mean_b) ** 2).sum())
-        total = self.count + n_b
-        delta = mean_b - self.mean
-        self.mean += delta * n_b / total
-        self.m2 += m2_b + delta * delta * self.count * n_b / total
-        self.count = total
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / max(self.std, 1e-8)
-
-    def state_dict(self) -> dict[str, float]:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
-
-
-# --------------------------------------------------------------------------------------------------
-# advantages
-
-
-def advantages(
-    estimator: str,
-    rewards: torch.Tensor,
-    mask: torch.Tensor,
-    values: torch.Tensor | None = None,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    group_size: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token advantages [B, N] (and returns [B, N] for the critic, else None) from rewards [B, N].
-
-    gae:  generalized advantage estimation over the critic's values (Schulman et al. 2016, eq. 16).
-    grpo: the sequence reward R = sum_t r_t (score minus the KL penalties) normalised within each group of
-          `group_size` samples of one prompt (Shao et al. 2024, section 4.1.2), given to every token.
-    rloo: R minus the mean R of the other samples of its prompt (Ahmadian et al. 2024), every token.
-    The critic-free advantages are sequence-level quantities and stay as their papers define them: the
-    stage never whitens them again over tokens (that would give a group whose samples scored alike a
-    non-zero advantage whose sign depends on the lengths of other groups' answers).
-    """
-    if estimator == "gae":
-        if values is None:
-            raise ValueError("ppo.advantages: estimator 'gae' needs the critic's values")
-        return gae(rewards, values, mask, gamma=gamma, lam=lam)
-    sequence_reward = (rewards * mask).sum(-1)  # (B,)
-    if estimator == "grpo":
-        per_sequence = group_relative_advantages(sequence_reward, group_size, eps=GRPO_EPS)
-    elif estimator == "rloo":
-        per_sequence = leave_one_out_advantages(sequence_reward, group_size)
-    else:
-        raise ValueError(f"ppo.advantages: estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
-    return per_sequence[:, None] * mask.to(rewards.dtype), None
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over the answer tokens: 1 = perfect critic, 0 = no better
-    than a constant, negative = worse."""
-    var_returns = float(masked_var(returns, mask, unbiased=False))
-    if var_returns == 0:
-        return float("nan")
-    return 1.0 - float(masked_var(returns - values, mask, unbiased=False)) / var_returns
-
-
-# --------------------------------------------------------------------------------------------------
 # the stage
 
 
@@ -342,39 +237,34 @@ class PPOStage(Stage):
 
     policy:     the model being trained (LoRA adapters injected or not)
     score_fn:   rollout -> [B] scores (rollout.RewardModelScorer, rollout.text_scorer, ...)
+    reference:  the reference policy of the KL penalty (stages/common.py: a frozen copy, or the policy with
+                its adapters disabled)
     critic:     value model for "gae"; None for the critic-free estimators
-    reference:  a frozen reference policy; None = the policy with its adapters disabled (needs LoRA)
     prompts:    encoded prompts ({"input_ids"}), eval_prompts likewise (scored at the end / eval_every)
     ptx:        resumable iterator of pretraining micro-batches for the ptx loss, or None
     The advantage estimator is [ppo] estimator (validated with the config).
     """
 
     def __init__(self, cfg: Config, policy: Transformer, tok: Tokenizer, prompts: list[dict], score_fn: ScoreFn,
-                 critic: RewardModel | None = None, reference: Transformer | None = None,
-                 eval_prompts: list[dict] | None = None, ptx: BatchIterator | None = None):
+                 reference: Reference, critic: RewardModel | None = None, eval_prompts: list[dict] | None = None,
+                 ptx: BatchIterator | None = None):
         p = cfg.ppo
         if p.estimator == "gae" and critic is None:
             raise ValueError("PPOStage: estimator 'gae' needs a critic")
-        if reference is None and not has_lora(policy):
-            raise ValueError("PPOStage: without LoRA adapters the policy cannot be its own reference; "
-                             "pass a frozen reference model")
         if len(prompts) < p.prompts_per_rollout:
             raise ConfigError(f"[ppo] prompts_per_rollout must be <= the {len(prompts)} training prompts, got "
                               f"{p.prompts_per_rollout}", "ppo", "prompts_per_rollout")
         if p.ptx_coef > 0 and ptx is None:
             raise ValueError("PPOStage: [ppo] ptx_coef > 0 needs the ptx batches")
+        scorer_rm = score_fn.reward_model if isinstance(score_fn, RewardModelScorer) else None
         if p.reward_norm == "rm":
-            scorer_rm = score_fn.reward_model if isinstance(score_fn, RewardModelScorer) else None
             if scorer_rm is None or scorer_rm.reward_mean is None or not scorer_rm.reward_std > 0:
                 raise ConfigError(f"[ppo] reward_norm = \"rm\" needs a reward model with the score statistics the rm "
                                   f"stage saves, std > 0 (minirlhf_reward_stats in {p.reward_model}/config.json); "
                                   f"use \"running\" or \"none\"", "ppo", "reward_norm")
         self.cfg, self.tok, self.score_fn, self.estimator = cfg, tok, score_fn, p.estimator
-        self.policy, self.critic = policy, critic
+        self.policy, self.critic, self.reference = policy, critic, reference
         self.model = PolicyAndCritic(policy, critic)
-        # the reference is a frozen model, or the policy itself run inside disable_adapters
-        self.reference = reference if reference is not None else policy
-        self.reference_context = nullcontext if reference is not None else functools.partial(disable_adapters, policy)
         collate = functools.partial(collate_prompts, pad_id=tok.pad_id)
         self.batches = BatchIterator(prompts, p.prompts_per_rollout, collate, seed=cfg.data.seed,
                                      shuffle=cfg.data.shuffle, drop_last=True)
@@ -382,15 +272,17 @@ class PPOStage(Stage):
         self.ptx = ptx
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
                        else FixedKLController(p.kl_coef))
-        self.reward_moments = RunningMoments()
+        self.shaping = ScoreShaping(p.reward_norm, scorer_rm, p.missing_eos_penalty, p.reward_clip)
         self.stop_ids = list(tok.stop_ids)
-        # under torchrun, distributed.prepare_stage swaps in a context that gathers the sharded policy
-        self.generation_context = nullcontext
+
+    def iterators(self) -> list[BatchIterator]:
+        """The prompt batches, and the pretraining batches of the ptx loss."""
+        return [self.batches] + ([self.ptx] if self.ptx is not None else [])
 
     def frozen_modules(self) -> list[nn.Module]:
         """The frozen reference copy (not when it is the policy with adapters off) and the reward model
         inside a RewardModelScorer (not a text scorer's Python function)."""
-        out = [self.reference] if self.reference is not self.policy else []
+        out = self.reference.frozen_modules()
         if isinstance(self.score_fn, RewardModelScorer):
             out.append(self.score_fn.reward_model)
         return out
@@ -405,83 +297,43 @@ class PPOStage(Stage):
         return groups
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kl_ctl": self.kl_ctl.state_dict(), "reward_moments": self.reward_moments.state_dict(),
+        return {"kl_ctl": self.kl_ctl.state_dict(), "reward_moments": self.shaping.moments.state_dict(),
                 "ptx": self.ptx.state_dict() if self.ptx is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.reward_moments.load_state_dict(state["reward_moments"])
+        self.shaping.moments.load_state_dict(state["reward_moments"])
         if self.ptx is not None and state.get("ptx") is not None:
             self.ptx.load_state_dict(state["ptx"])
 
-    # -- rollout -------------------------------------------------------------------------------
+    # -- experience ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def make_rollout(self, prompts: dict[str, torch.Tensor], autocast: Callable = nullcontext) -> tuple[Rollout, dict]:
-        """Generate, then fill log-probs, reference log-probs, values and scores. Returns the rollout and
-        the seconds spent generating and scoring."""
+    def experience(self, prompts: dict[str, torch.Tensor], trainer: Trainer) -> tuple[Rollout, dict[str, float]]:
+        """One rollout (rollout.make_rollout: answers sampled and measured by the policy, the reference and
+        the critic), scored (score_fn) and shaped into rewards (ScoreFn -> ScoreShaping). Returns the rollout
+        and the seconds spent generating and scoring."""
         p = self.cfg.ppo
         start = time.perf_counter()
-        with self.generation_context():
-            rollout, _ = generate_rollout(self.policy, prompts["input_ids"], prompts["attention_mask"],
-                                          samples_per_prompt=p.samples_per_prompt, max_new_tokens=p.max_new_tokens,
-                                          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                          stop_ids=self.stop_ids, pad_id=self.tok.pad_id)
-        generated = _sync_time(rollout.input_ids)
-        was_training = self.model.training
-        self.model.eval()  # old log-probs without dropout (ratio 1 at the first update when dropout is 0)
-        try:
-            logprobs, ref_logprobs, values, entropy = [], [], [], []
-            P = rollout.prompt_len
-            for rows in micro_batches(rollout.size, p.micro_batch_size):
-                rows = rows.to(rollout.input_ids.device)
-                ids, mask, resp = rollout.input_ids[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
-                with autocast():
-                    lp, ent = response_logprobs(self.policy, ids, mask, resp, P, p.temperature, with_entropy=True)
-                    with self.reference_context():
-                        ref, _ = response_logprobs(self.reference, ids, mask, resp, P, p.temperature)
-                    if self.critic is not None:
-                        values.append(response_values(self.critic, ids, mask, resp, P).float())
-                logprobs.append(lp.float())
-                ref_logprobs.append(ref.float())
-                entropy.append(ent)
-            if self.reference is not self.policy:
-                reshard(self.reference)  # a sharded frozen copy's gathered weights (no backward frees them)
-            rollout.logprobs, rollout.ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-            rollout.entropy = torch.cat(entropy)
-            rollout.values = torch.cat(values) if values else None
-            with autocast():
-                rollout.raw_scores = self.score_fn(rollout).float()
-            rollout.scores = self.shape_scores(rollout.raw_scores, rollout.has_stop)
-        finally:
-            self.model.train(was_training)
-        scored = _sync_time(rollout.scores)
-        return rollout, {"time/generate": generated - start, "time/score": scored - generated}
-
-    def shape_scores(self, scores: torch.Tensor, has_stop: torch.Tensor) -> torch.Tensor:
-        """Raw scores -> final rewards: normalised (reward_norm "running": by the mean/std of every score so
-        far; "rm": by the reward model's training-set mean/std, fixed), minus missing_eos_penalty for answers
-        without a stop token, clipped to +-reward_clip (when > 0)."""
-        p = self.cfg.ppo
-        if p.reward_norm == "running":
-            self.reward_moments.update(gather_cat(scores))  # every rank's scores: one running mean
-            scores = self.reward_moments.normalize(scores)
-        elif p.reward_norm == "rm":
-            scores = self.score_fn.reward_model.normalize(scores)
-        scores = scores - p.missing_eos_penalty * (~has_stop).to(scores.dtype)
-        if p.reward_clip > 0:
-            scores = scores.clamp(-p.reward_clip, p.reward_clip)
-        return scores
+        rollout, generating = make_rollout(
+            self.policy, prompts, samples_per_prompt=p.samples_per_prompt, max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop_ids=self.stop_ids, pad_id=self.tok.pad_id,
+            micro_batch_size=p.micro_batch_size, reference=self.reference, critic=self.critic,
+            autocast=trainer.autocast, dist=trainer.dist)
+        with trainer.autocast():
+            rollout.raw_scores = self.score_fn(rollout).float()
+        rollout.scores = self.shaping(rollout.raw_scores, rollout.has_stop)
+        took = sync_time(rollout.scores) - start
+        return rollout, {"time/generate": generating, "time/score": took - generating}
 
     def compute_advantages(self, rollout: Rollout, kl_coef: float) -> None:
         """Fill rollout.rewards, .advantages and .returns. GAE's advantages are whitened over the rollout's
-        answer tokens when whiten_advantages; the critic-free ones never are (see `advantages`)."""
+        answer tokens when whiten_advantages; the critic-free ones never are (see losses.ppo_advantages)."""
         p = self.cfg.ppo
         mask = rollout.response_mask
         rollout.rewards = kl_penalized_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask,
                                                kl_coef=kl_coef, estimator=p.kl_estimator)
-        adv, rollout.returns = advantages(self.estimator, rollout.rewards, mask, rollout.values, gamma=p.gamma,
-                                          lam=p.lam, group_size=p.samples_per_prompt)
+        adv, rollout.returns = ppo_advantages(self.estimator, rollout.rewards, mask, rollout.values, gamma=p.gamma,
+                                              lam=p.lam, group_size=p.samples_per_prompt)
         if self.estimator == "gae" and p.whiten_advantages and int(mask.sum()) > 1:
             adv = masked_whiten(adv, mask)
         rollout.advantages = adv
@@ -534,7 +386,7 @@ class PPOStage(Stage):
                     for k, v in metrics.items():
                         minibatch[k] = minibatch.get(k, 0.0) + float(v) * weights[k]
                     minibatch["loss"] = minibatch.get("loss", 0.0) + float(loss.detach())
-                minibatch.update(trainer.optimizer_step(advance_schedule=False))
+                minibatch.update(trainer.optimizer_step())
                 updates += 1
                 for k, v in minibatch.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -543,7 +395,6 @@ class PPOStage(Stage):
                     break
             if stopped:
                 break
-        trainer.scheduler.step()  # the lr schedule counts rollouts, not updates
         out = {k: v / updates for k, v in sums.items()}
         out.update(updates=float(updates), early_stopped=float(stopped))
         return out
@@ -558,7 +409,7 @@ class PPOStage(Stage):
         prompts = trainer.to_device(next(self.batches))
         kl_coef = self.kl_ctl.value
         try:
-            rollout, timings = self.make_rollout(prompts, trainer.autocast)
+            rollout, timings = self.experience(prompts, trainer)
         except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
             if "nan" not in str(e) or "inf" not in str(e):
                 raise
@@ -569,7 +420,7 @@ class PPOStage(Stage):
         self.compute_advantages(rollout, kl_coef)
         start = time.perf_counter()
         train_metrics = self.ppo_epochs(rollout, trainer)
-        timings["time/train"] = _sync_time(rollout.input_ids) - start
+        timings["time/train"] = sync_time(rollout.input_ids) - start
 
         mask = rollout.response_mask
         kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1).mean()  # k1, nats per sequence
@@ -593,18 +444,8 @@ class PPOStage(Stage):
         if every and (trainer.step + 1) % every == 0 and trainer.is_main:
             samples = Path(self.cfg.train.output_dir) / "samples.jsonl"
             with trainer.writing(samples):
-                self.log_samples(rollout, trainer.step + 1, samples)
+                append_samples(samples, self.tok, rollout, trainer.step + 1)
         return StepResult(metrics, int(rollout.attention_mask.sum()))
-
-    def log_samples(self, rollout: Rollout, step: int, path: Path, count: int = 4) -> None:
-        """Append a few (prompt, answer, score) rows of this rollout to `path` (OUTPUT/samples.jsonl)."""
-        rows = torch.arange(min(count, rollout.size))
-        prompts, answers = decode_rollout(self.tok, rollout.select(rows))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-                f.write(json.dumps({"step": step, "prompt": prompt, "response": answer,
-                                    "score": float(rollout.raw_scores[i]), "reward": float(rollout.scores[i])}) + "\n")
 
     # -- eval and saving -----------------------------------------------------------------------
 
@@ -614,75 +455,32 @@ class PPOStage(Stage):
             return {}
         p = self.cfg.ppo
         scores, lengths = [], []
-        collate = functools.partial(collate_prompts, pad_id=self.tok.pad_id)
-        for start in range(0, len(self.eval_prompts), p.minibatch_size):
-            prompts = trainer.to_device(collate(self.eval_prompts[start: start + p.minibatch_size]))
-            with self.generation_context():
-                rollout, _ = generate_rollout(self.policy, prompts["input_ids"], prompts["attention_mask"],
-                                              max_new_tokens=p.max_new_tokens, temperature=0.0,
-                                              stop_ids=self.stop_ids, pad_id=self.tok.pad_id)
+        for rollout in greedy_rollouts(self.policy, self.eval_prompts, p.minibatch_size, p.max_new_tokens,
+                                       self.stop_ids, self.tok.pad_id, trainer.to_device, trainer.dist):
             scores.append(self.score_fn(rollout).float().cpu())
             lengths.append(rollout.response_mask.sum(-1).float().cpu())
         return {"score": float(torch.cat(scores).mean()), "response_length": float(torch.cat(lengths).mean())}
 
-    def save_final(self, out_dir: Path) -> None:
+    def save_final(self, out_dir: Path, model: PolicyAndCritic) -> None:
         """The policy (HF model or LoRA adapter, with the tokenizer) in out_dir, the critic as a full reward
         model with the tokenizer in out_dir/critic (its adapter merged into a copy)."""
-        save_policy(self.policy, self.tok, out_dir, self.cfg.model.path)
-        if self.critic is not None:
-            critic = self.critic
+        save_policy(model.policy, self.tok, out_dir, self.cfg.model.path)
+        if model.critic is not None:
+            critic = model.critic
             if has_lora(critic):
                 critic = copy.deepcopy(critic)
                 merge_and_unload(critic.backbone)
             critic.save_pretrained(Path(out_dir) / "critic", tokenizer=self.tok)
 
 
-def non_finite_parts(rollout: Rollout) -> list[str]:
-    """Names of the rollout's measured tensors that hold a NaN or inf (one device sync)."""
-    parts = {"policy log-probs": rollout.logprobs, "reference log-probs": rollout.ref_logprobs,
-             "critic values": rollout.values, "scores": rollout.raw_scores}
-    parts = {k: v for k, v in parts.items() if v is not None}
-    finite = torch.stack([torch.isfinite(v).all() for v in parts.values()]).tolist()
-    return [name for name, ok in zip(parts, finite) if not ok]
-
-
 def non_finite_error(trainer: Trainer, what: str) -> TrainingError:
     """The one-line error of a rollout that went non-finite: where, and the checkpoint to go back to."""
-    kept = f"the last good checkpoint is {trainer.last_checkpoint}" if trainer.last_checkpoint else \
-        "no checkpoint was written yet"
-    return TrainingError(f"non-finite {what} in the rollout of step {trainer.step + 1}; {kept}. Try a lower lr, "
-                         f"fp32 precision, or check the models.")
-
-
-def _sync_time(like: torch.Tensor) -> float:
-    """perf_counter after the device has finished its queued work (timings of CUDA code need this)."""
-    if like.device.type == "cuda":
-        torch.cuda.synchronize(like.device)
-    return time.perf_counter()
+    return TrainingError(f"non-finite {what} in the rollout of step {trainer.step + 1}; {trainer.last_good()}. "
+                         f"Try a lower lr, fp32 precision, or check the models.")
 
 
 # --------------------------------------------------------------------------------------------------
 # from a config
-
-
-def _frozen(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    return module.eval()
-
-
-def load_scalar_model(cfg: Config, tok: Tokenizer, path: str, key: str, dtype: torch.dtype | None,
-                      device: torch.device | str) -> RewardModel:
-    """The reward model ([ppo] reward_model: a saved reward model, nothing else) or the critic's start
-    ([ppo] critic_model, or the reward model: a causal LM gets a fresh head), checked against the policy's
-    tokenizer: the embeddings must hold its ids and a tokenizer saved with the model must be the same."""
-    try:
-        model = RewardModel.from_pretrained(path, dtype=dtype, device=device, seed=cfg.train.seed,
-                                            new_head=key != "reward_model")
-    except NotARewardModel as e:
-        raise ConfigError(f"[ppo] {key}: {e}", "ppo", key) from None
-    prepare_backbone(cfg, tok, model.backbone, path, "ppo", key)
-    check_same_tokenizer(tok, path, "ppo", key)
-    return model
 
 
 def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> PPOStage:
@@ -692,16 +490,18 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | Non
     p = cfg.ppo
     tok = build_tokenizer(cfg)
     policy = disable_dropout(cfg, apply_lora(cfg, build_model(cfg, tok, device=device)))
-    ref = build_reference(cfg, tok, policy, p.ref_model, "ppo", device)
-    reference = None if ref.adapters_off else ref.model  # None: the policy with its adapters disabled
+    reference = build_reference(cfg, tok, policy, p.ref_model, "ppo", device)
 
     dtype = DTYPES[cfg.model.dtype]
     reward_dtype = DTYPES[p.reward_dtype] if p.reward_dtype != "auto" else dtype
-    reward_model = _frozen(load_scalar_model(cfg, tok, p.reward_model, "reward_model", reward_dtype, device))
+    reward_model = load_scalar_model(cfg, tok, p.reward_model, "ppo", "reward_model", reward_dtype, device)
+    reward_model.requires_grad_(False)
+    reward_model.eval()
     critic = None
     if p.estimator == "gae":
         key = "critic_model" if p.critic_model else "reward_model"
-        critic = load_scalar_model(cfg, tok, p.critic_model or p.reward_model, key, dtype, device)
+        critic = load_scalar_model(cfg, tok, p.critic_model or p.reward_model, "ppo", key, dtype, device,
+                                   new_head=bool(p.critic_model))
         logger.info("ppo: critic from %s", p.critic_model or p.reward_model)
         # the policy's [lora] settings minus the LM head (the critic has none); the value head trains in full
         disable_dropout(cfg, apply_lora(cfg, critic.backbone))
@@ -709,16 +509,14 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | Non
     data = build_datasets(cfg, tok, SPECS["ppo"].data_formats)
     ptx = None
     if p.ptx_coef > 0:
-        encode = functools.partial(encode_text, tok=tok, data=cfg.data, add_bos=cfg.pt.add_bos)
-        docs, _ = load_examples(p.ptx_files, encode, cfg.data.skip_bad_rows, cfg.data.num_workers)
-        blocks = pack_documents(docs, cfg.data.block_size)
+        blocks = load_text_blocks(p.ptx_files, tok, cfg.data, add_bos=cfg.pt.add_bos)
         if not blocks:
             raise ConfigError(f"[ppo] ptx_files {p.ptx_files} hold no text", "ppo", "ptx_files")
         ptx = BatchIterator(blocks, p.micro_batch_size, functools.partial(collate_sft, pad_id=tok.pad_id),
                             seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     score_fn = RewardModelScorer(reward_model, p.micro_batch_size)
-    return PPOStage(cfg, policy, tok, data.train, score_fn, critic=critic, reference=reference,
-                    eval_prompts=data.eval, ptx=ptx)
+    return PPOStage(cfg, policy, tok, data.train, score_fn, reference, critic=critic, eval_prompts=data.eval,
+                    ptx=ptx)
 
 
 SPECS = {"ppo": StageSpec(PPOSection, data_formats=("prompt",), build=build_stage)}

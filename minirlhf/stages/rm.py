@@ -112,15 +112,16 @@ class RewardStage(Stage):
         return self.pair_loss(chosen, rejected, batch.get("margin") if self.cfg.rm.margin_field else None)
 
     @torch.no_grad()
-    def score_examples(self, examples: Sequence[dict], device: torch.device | None = None
+    def score_examples(self, model: RewardModel, examples: Sequence[dict], device: torch.device | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores of every example in order, in micro-batches without gradient: ([N], [N]) on the CPU."""
-        device = device or next(self.model.parameters()).device
+        """Scores by `model` of every example in order, in micro-batches without gradient: ([N], [N]) on the
+        CPU."""
+        device = device or next(model.parameters()).device
         size = self.cfg.train.micro_batch_size
         chosen, rejected = [], []
         for i in range(0, len(examples), size):
             batch = {k: v.to(device) for k, v in self.collate(examples[i: i + size]).items()}
-            c, r = pair_scores(self.model, batch)
+            c, r = pair_scores(model, batch)
             chosen.append(c.float().cpu())
             rejected.append(r.float().cpu())
         return torch.cat(chosen), torch.cat(rejected)
@@ -129,36 +130,36 @@ class RewardStage(Stage):
         """Pair-weighted loss, accuracy and margin over the eval pairs."""
         if not self.eval_examples:
             return {}
-        chosen, rejected = self.score_examples(self.eval_examples, trainer.device)
+        chosen, rejected = self.score_examples(self.model, self.eval_examples, trainer.device)
         margin = None
         if self.cfg.rm.margin_field:
             margin = torch.tensor([e["margin"] for e in self.eval_examples], dtype=torch.float32)
         _, metrics = self.pair_loss(chosen, rejected, margin)
         return {k: float(v) for k, v in metrics.items()}
 
-    def record_reward_stats(self) -> tuple[float, float]:
-        """Mean and std of the scores of both answers of every training pair, kept on the model (and so
+    def record_reward_stats(self, model: RewardModel) -> tuple[float, float]:
+        """Mean and std of `model`'s scores of both answers of every training pair, kept on the model (and so
         in the saved config.json) for ppo's normalisation."""
-        was_training = self.model.training
-        self.model.eval()
-        chosen, rejected = self.score_examples(self.train_examples)
-        self.model.train(was_training)
+        was_training = model.training
+        model.eval()
+        chosen, rejected = self.score_examples(model, self.train_examples)
+        model.train(was_training)
         scores = torch.cat([chosen, rejected])  # [2N]
-        self.model.reward_mean = float(scores.mean())
-        self.model.reward_std = float(scores.std()) if scores.numel() > 1 else 1.0
-        return self.model.reward_mean, self.model.reward_std
+        model.reward_mean = float(scores.mean())
+        model.reward_std = float(scores.std()) if scores.numel() > 1 else 1.0
+        return model.reward_mean, model.reward_std
 
-    def save_final(self, out_dir: Path) -> None:
+    def save_final(self, out_dir: Path, model: RewardModel) -> None:
         """The reward model in HF `*ForSequenceClassification` format (LoRA merged into the backbone, in
         place) plus the tokenizer files, with a pad token transformers can tell from the end token
-        (heads.export_pad_id)."""
+        (heads.export_pad_id); first the score statistics of the training data (`record_reward_stats`)."""
         from minirlhf.lora import has_lora, merge_and_unload
 
-        mean, std = self.record_reward_stats()
+        mean, std = self.record_reward_stats(model)
         logger.info("rm: training-set scores mean %.4f std %.4f", mean, std)
-        if has_lora(self.model.backbone):
-            merge_and_unload(self.model.backbone)
-        self.model.save_pretrained(out_dir, tokenizer=self.tok)
+        if has_lora(model.backbone):
+            merge_and_unload(model.backbone)
+        model.save_pretrained(out_dir, tokenizer=self.tok)
 
 
 def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> RewardStage:

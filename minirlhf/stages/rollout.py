@@ -1,4 +1,5 @@
-"""PPO's experience: sample answers to a batch of prompts and measure them with every model involved.
+"""Experience for online RL (ppo; grpo shares it): sample answers to a batch of prompts, measure them with
+every model involved (`make_rollout`), score them and shape the scores into rewards (`ScoreShaping`).
 
     prompts [P columns, left padded] --policy.generate (KV cache, no grad)--> answers [N columns]
     sequence = prompt + answer                                          input_ids [B, P + N]
@@ -18,16 +19,23 @@ quantity here is read from columns P - 1 .. P + N - 2.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
-from minirlhf.distributed import reshard
+from minirlhf.batching import collate_prompts
+from minirlhf.distributed import DistContext, frozen_forwards, gather_cat, gathered
 from minirlhf.heads import RewardModel
 from minirlhf.logprobs import head_logprobs
 from minirlhf.losses import IGNORE_INDEX, entropy_from_logits, mask_truncated_completions
 from minirlhf.model import Transformer
+from minirlhf.stages.common import Reference
 
 
 
@@ -169,11 +177,87 @@ def response_values(critic: RewardModel, input_ids: torch.Tensor, attention_mask
     return values.masked_fill(~response_mask.bool(), 0.0)
 
 
+@torch.no_grad()
+def make_rollout(
+    policy: Transformer,
+    prompts: dict[str, torch.Tensor],
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    stop_ids: list[int],
+    pad_id: int,
+    micro_batch_size: int,
+    reference: Reference | None = None,
+    critic: RewardModel | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    dist: DistContext | None = None,
+) -> tuple[Rollout, float]:
+    """Sample answers to a batch of prompts and measure them: generate (`generate_rollout`, the policy's
+    weights gathered under torchrun), then per micro-batch of micro_batch_size sequences the policy's
+    log-probs and entropy, the reference's log-probs (when there is a reference) and the critic's values
+    (when there is a critic), all in eval mode (log-probs without dropout: the first PPO ratio is 1) and
+    without gradients.
+
+    prompts: input_ids, attention_mask [Bp, P] left padded. Returns the Rollout (logprobs, ref_logprobs,
+    entropy, values filled; scores left to the caller) and the seconds spent generating.
+    """
+    start = time.perf_counter()
+    with gathered(policy, dist):
+        rollout, _ = generate_rollout(policy, prompts["input_ids"], prompts["attention_mask"],
+                                      samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
+                                      pad_id=pad_id)
+    generating = sync_time(rollout.input_ids) - start
+    modes = [(m, m.training) for m in (policy, critic) if m is not None]
+    for m, _ in modes:
+        m.eval()
+    try:
+        logprobs, ref_logprobs, values, entropy = [], [], [], []
+        P = rollout.prompt_len
+        for rows in micro_batches(rollout.size, micro_batch_size):
+            rows = rows.to(rollout.input_ids.device)
+            ids, mask, resp = rollout.input_ids[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
+            with autocast():
+                lp, ent = response_logprobs(policy, ids, mask, resp, P, temperature, with_entropy=True)
+                if reference is not None:
+                    ref, _ = reference.run(response_logprobs, ids, mask, resp, P, temperature)
+                    ref_logprobs.append(ref.float())
+                if critic is not None:
+                    values.append(response_values(critic, ids, mask, resp, P).float())
+            logprobs.append(lp.float())
+            entropy.append(ent)
+        rollout.logprobs, rollout.entropy = torch.cat(logprobs), torch.cat(entropy)
+        rollout.ref_logprobs = torch.cat(ref_logprobs) if ref_logprobs else None
+        rollout.values = torch.cat(values) if values else None
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+    return rollout, generating
+
+
+@torch.no_grad()
+def greedy_rollouts(policy: Transformer, prompts: Sequence[dict], batch_size: int, max_new_tokens: int,
+                    stop_ids: list[int], pad_id: int, to_device: Callable[[dict], dict] = lambda b: b,
+                    dist: DistContext | None = None) -> Iterator[Rollout]:
+    """Greedy answers to encoded prompts ({"input_ids"}), in rollouts of batch_size prompts, in order (for
+    evaluation: greedy, so the RNG stream is untouched)."""
+    for start in range(0, len(prompts), batch_size):
+        batch = to_device(collate_prompts(prompts[start: start + batch_size], pad_id))
+        with gathered(policy, dist):
+            rollout, _ = generate_rollout(policy, batch["input_ids"], batch["attention_mask"],
+                                          max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids,
+                                          pad_id=pad_id)
+        yield rollout
+
+
 class RewardModelScorer:
     """A ScoreFn reading the (frozen) reward model at each sequence's last real token: the stop token, or
     the last generated token of an answer cut at max_new_tokens. `reward_model` is public so that the ppo
-    stage can hand it to distributed.prepare_stage for sharding; a sharded one gives its gathered weights
-    back after each rollout (distributed.reshard)."""
+    stage can declare it among its frozen models (sharded under torchrun; its forwards run inside
+    distributed.frozen_forwards)."""
 
     def __init__(self, reward_model: RewardModel, micro_batch_size: int):
         self.reward_model, self.micro_batch_size = reward_model, micro_batch_size
@@ -181,10 +265,10 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> torch.Tensor:
         out = []
-        for rows in micro_batches(rollout.size, self.micro_batch_size):
-            rows = rows.to(rollout.input_ids.device)
-            out.append(self.reward_model(rollout.input_ids[rows], rollout.attention_mask[rows]).float())
-        reshard(self.reward_model)
+        with frozen_forwards(self.reward_model):
+            for rows in micro_batches(rollout.size, self.micro_batch_size):
+                rows = rows.to(rollout.input_ids.device)
+                out.append(self.reward_model(rollout.input_ids[rows], rollout.attention_mask[rows]).float())
         return torch.cat(out)
 
 
@@ -212,3 +296,98 @@ def decode_rollout(tokenizer, rollout: Rollout) -> tuple[list[str], list[str]]:
     answers = [tokenizer.decode(ids[b, P:][rollout.response_mask[b].cpu()].tolist(), skip_special_tokens=True)
                for b in range(rollout.size)]
     return prompts, answers
+
+
+def non_finite_parts(rollout: Rollout) -> list[str]:
+    """Names of the rollout's measured tensors that hold a NaN or inf (one device sync)."""
+    parts = {"policy log-probs": rollout.logprobs, "reference log-probs": rollout.ref_logprobs,
+             "critic values": rollout.values, "scores": rollout.raw_scores}
+    parts = {k: v for k, v in parts.items() if v is not None}
+    finite = torch.stack([torch.isfinite(v).all() for v in parts.values()]).tolist()
+    return [name for name, ok in zip(parts, finite) if not ok]
+
+
+def append_samples(path: Path, tokenizer, rollout: Rollout, step: int, count: int = 4) -> None:
+    """Append the first `count` (prompt, answer, score, reward) rows of a scored rollout to `path` (ppo's
+    OUTPUT/samples.jsonl), one JSON object a line."""
+    rows = torch.arange(min(count, rollout.size))
+    prompts, answers = decode_rollout(tokenizer, rollout.select(rows))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+            f.write(json.dumps({"step": step, "prompt": prompt, "response": answer,
+                                "score": float(rollout.raw_scores[i]), "reward": float(rollout.scores[i])}) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# from scores to rewards
+
+
+class RunningMoments:
+    """Mean and (unbiased) standard deviation of every score seen so far, merged batch by batch with the
+    parallel update of Chan, Golub & LeVeque 1979:
+
+        delta = mean_b - mean,   n' = n + n_b,   mean' = mean + delta * n_b / n'
+        M2' = M2 + M2_b + delta^2 * n * n_b / n',    std = sqrt(M2 / (n - 1))
+    """
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().reshape(-1)
+        n_b = x.numel()
+        if n_b == 0:
+            return
+        mean_b = float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        total = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / total
+        self.m2 += m2_b + delta * delta * self.count * n_b / total
+        self.count = total
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / max(self.std, 1e-8)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+class ScoreShaping:
+    """A rollout's raw scores -> the rewards it trains on: normalised (norm "running": by the mean and std
+    of every score so far, over all ranks, `RunningMoments`; "rm": by the reward model's training-set mean
+    and std, fixed; "none"), minus `missing_eos_penalty` for answers without a stop token, clipped to
+    +-reward_clip (when > 0). Its state (the running moments) goes into checkpoints."""
+
+    def __init__(self, norm: str, reward_model: RewardModel | None = None, missing_eos_penalty: float = 0.0,
+                 reward_clip: float = 0.0):
+        self.norm, self.reward_model = norm, reward_model
+        self.missing_eos_penalty, self.reward_clip = missing_eos_penalty, reward_clip
+        self.moments = RunningMoments()
+
+    def __call__(self, scores: torch.Tensor, has_stop: torch.Tensor) -> torch.Tensor:
+        """scores, has_stop: [B] -> [B]."""
+        if self.norm == "running":
+            self.moments.update(gather_cat(scores))  # every rank's scores: one running mean
+            scores = self.moments.normalize(scores)
+        elif self.norm == "rm":
+            scores = self.reward_model.normalize(scores)
+        scores = scores - self.missing_eos_penalty * (~has_stop).to(scores.dtype)
+        if self.reward_clip > 0:
+            scores = scores.clamp(-self.reward_clip, self.reward_clip)
+        return scores
+
+
+def sync_time(like: torch.Tensor) -> float:
+    """perf_counter after the device has finished its queued work (timings of CUDA code need this)."""
+    if like.device.type == "cuda":
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
