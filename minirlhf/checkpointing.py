@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 
 from minirlhf.errors import TrainingError
 from minirlhf.hf_checkpoint import save_safetensors
+from minirlhf.run_dir import checkpoint_dirs
 
 STATE_FORMAT = 2  # 1: state.pt (a pickle, no longer read); 2: state.json + safetensors
 TENSOR, TUPLE, INT_KEYS = "__tensor__", "__tuple__", "__int_keys__"
@@ -47,16 +48,6 @@ T = TypeVar("T")
 
 # --------------------------------------------------------------------------------------------------
 # where checkpoints live
-
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a half-written one is a .tmp folder and never listed)."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-             and p.name.removeprefix("step-").isdigit()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:

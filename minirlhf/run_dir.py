@@ -27,7 +27,6 @@ import os
 import shutil
 from pathlib import Path
 
-from minirlhf.checkpointing import checkpoint_dirs
 from minirlhf.config import Config
 from minirlhf.errors import UserError
 
@@ -43,6 +42,16 @@ RUN_FILES = ["config.toml", "metrics.jsonl", "samples.jsonl", "curves.png", "ten
 
 class OutputDirError(UserError):
     """The output directory cannot be used (not empty, an input, locked, unwritable)."""
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a half-written one is a .tmp folder and never listed)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and p.name.removeprefix("step-").isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
 def input_dirs(cfg: Config) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ from minirlhf.stages import sft
 from minirlhf.config import load_config
 from minirlhf.tokenizer_training import train_sentencepiece
 from minirlhf.run_dir import OutputDirError
-from minirlhf.checkpointing import checkpoint_dirs
+from minirlhf.run_dir import checkpoint_dirs
 from minirlhf.errors import TrainingError
 from minirlhf.trainer import Trainer, has_diverged, lr_factor
 

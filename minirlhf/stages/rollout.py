@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -35,7 +36,9 @@ from minirlhf.heads import RewardModel
 from minirlhf.logprobs import head_logprobs
 from minirlhf.losses import IGNORE_INDEX, entropy_from_logits, mask_truncated_completions
 from minirlhf.model import Transformer
-from minirlhf.stages.common import Reference
+
+if TYPE_CHECKING:
+    from minirlhf.stages.common import Reference
 
 
 
