@@ -18,7 +18,7 @@ packed document, for every family, so a padded or packed row gives the same resu
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from minirlhf import kernels
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [B, 1, T, d] each (rope_cos_sin)
 
 
 @dataclass
@@ -77,14 +78,6 @@ class ModelConfig:
     @property
     def is_gpt2(self) -> bool:
         return self.model_type == "gpt2"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +155,7 @@ def rope_is_dynamic(config: ModelConfig) -> bool:
 
 def rope_cos_sin(
     config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype, inv_freq: torch.Tensor | None = None
-):
+) -> Rope:
     """cos, sin tables for the given positions: [B, T] -> two [B, 1, T, d] tensors.
 
     inv_freq: [B or 1, d/2] from `rope_inv_freq`, when the caller has it already (the decode loop,
@@ -222,7 +215,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, t, d] at the cache slots `slots` [t]; return the whole cache, whose
         unwritten slots the attention mask hides (fixed shapes, no slicing to the current length).
         k, v come in the compute dtype (bf16 under autocast) and are stored in the cache's (the weights')."""
@@ -243,7 +236,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * d, config.hidden_size, bias=config.o_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, rope, document_ids, cache_slots, cache_mask, backend):
+    def forward(self, x: torch.Tensor, rope: Rope | None, document_ids: torch.Tensor | None,
+                cache_slots: torch.Tensor | None, cache_mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+        """x: [B, T, C] -> [B, T, C]. rope: (cos, sin) of the positions, None for gpt2; document_ids: [B, T]
+        or None; with a KV cache, the new keys and values go to cache_slots [T], cache_mask [B, 1, T, S] hiding
+        what a query must not see."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
@@ -286,7 +283,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, document_ids, cache_slots=None, cache_mask=None, backend="auto"):
+    def forward(self, x: torch.Tensor, rope: Rope | None, document_ids: torch.Tensor | None,
+                cache_slots: torch.Tensor | None = None, cache_mask: torch.Tensor | None = None,
+                backend: str = "auto") -> torch.Tensor:
+        """x: [B, T, C] -> [B, T, C] (the arguments as in Attention.forward)."""
         x = x + self.self_attn(self.input_layernorm(x), rope, document_ids, cache_slots, cache_mask, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -362,8 +362,9 @@ class Transformer(nn.Module):
         """Logits [B, T, vocab_size] for input_ids [B, T] (see `hidden_states` for the arguments)."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, document_ids))
 
-    def _decode(self, input_ids, positions, document_ids=None, cache_slots=None, cache_mask=None,
-                inv_freq=None):
+    def _decode(self, input_ids: torch.Tensor, positions: torch.Tensor, document_ids: torch.Tensor | None = None,
+                cache_slots: torch.Tensor | None = None, cache_mask: torch.Tensor | None = None,
+                inv_freq: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, T, C)
         rope = None
         if self.config.is_gpt2:
