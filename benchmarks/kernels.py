@@ -41,7 +41,7 @@ def time_attention(B: int, H: int, T: int, D: int) -> dict[str, tuple[float, flo
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
-    from minirlhf.kernels.attention import attention_triton
+    from minirlhf.kernels.flash_attention import attention_triton
 
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
@@ -103,7 +103,7 @@ def time_and_peak(fn) -> tuple[float, int]:
 def time_cross_entropy(N: int, V: int, hidden: int) -> dict[str, tuple[float, int]]:
     """{"fused"|"naive": (ms, peak bytes)} of forward+backward, after checking the gradients agree.
     Gradients are cleared before each call, so the peak includes writing them (both sides alike)."""
-    from minirlhf.kernels.cross_entropy import linear_cross_entropy_triton
+    from minirlhf.kernels.fused_cross_entropy import linear_cross_entropy_triton
 
     h = torch.randn(N, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (0.02 * torch.randn(V, hidden, device="cuda")).to(torch.bfloat16).requires_grad_()

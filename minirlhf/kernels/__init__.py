@@ -7,11 +7,8 @@ otherwise. "triton" forces the kernel (and raises if it cannot run), "torch" for
 Under autocast the three functions behave like torch's own matmul and attention ops do there: their
 floating-point inputs are cast to the autocast dtype first (bf16 under `[train] precision`), so both
 backends compute in the same precision and see one dtype, whatever dtype the weights are stored in.
-The kernel modules import triton inside a try, so minirlhf runs where triton is not installed.
-
-The submodules are imported here, before `def attention`, on purpose: importing the submodule
-`minirlhf.kernels.attention` for the first time sets the package attribute `attention` to the module,
-and the function defined below must be what stays bound to that name.
+The kernel modules (flash_attention.py, fused_cross_entropy.py: each Triton op beside its torch reference)
+import triton inside a try, so minirlhf runs where triton is not installed.
 """
 from __future__ import annotations
 
@@ -20,12 +17,12 @@ import os
 
 import torch
 
-from minirlhf.kernels.attention import (
+from minirlhf.kernels.flash_attention import (
     attention_torch,
     attention_triton,
     check_attention_inputs,
 )
-from minirlhf.kernels.cross_entropy import (
+from minirlhf.kernels.fused_cross_entropy import (
     _REDUCTIONS,
     check_linear_inputs,
     linear_cross_entropy_torch,

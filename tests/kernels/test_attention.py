@@ -14,7 +14,7 @@ from kernel_utils import (
 )
 
 import minirlhf.kernels as K
-from minirlhf.kernels.attention import (
+from minirlhf.kernels.flash_attention import (
     _document_bounds,
     attention_backward_triton,
     attention_forward_triton,

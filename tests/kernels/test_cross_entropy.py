@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kernel_utils import DEVICE, nan_like, needs_triton, rel_err
 
 import minirlhf.kernels as K
-from minirlhf.kernels.cross_entropy import (
+from minirlhf.kernels.fused_cross_entropy import (
     chunk_size,
     fused_linear_pass,
     linear_cross_entropy_triton,

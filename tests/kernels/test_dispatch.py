@@ -68,8 +68,8 @@ COMPILE_SM90 = """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    A = importlib.import_module("minirlhf.kernels.attention")
-    X = importlib.import_module("minirlhf.kernels.cross_entropy")
+    A = importlib.import_module("minirlhf.kernels.flash_attention")
+    X = importlib.import_module("minirlhf.kernels.fused_cross_entropy")
     ints = {"H", "HK", "T", "T_BUCKET", "V", "ignore_index"}
     ptrs = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LOGITS")}
     ptrs.update(LSE="*fp32", DELTA="*fp32", ROW_SCALE="*fp32", LOGPROB="*fp32", DOC="*i32", KV_START="*i32",
