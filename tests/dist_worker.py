@@ -1,5 +1,5 @@
-"""What tests/test_distributed.py launches with torchrun: train.py's run, plus measurements of the sharded
-model that only a live process group can take.
+"""What tests/test_distributed.py launches with torchrun: `minirlhf train`'s run, plus measurements of the
+sharded model that only a live process group can take (minirlhf comes from PYTHONPATH, the checkout).
 
     torchrun --nproc_per_node=2 tests/dist_worker.py --stage sft --config cfg.toml [--set k=v ...]
         [--report report.json]
@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from minirlhf import distributed, hf_checkpoint
+from minirlhf.commands.train import build_trainer
 from minirlhf.config import load_config
 from minirlhf.model import Transformer
-from train import build_trainer
 
 torch.set_num_threads(1)  # two ranks on two shared cores
 

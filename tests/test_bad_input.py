@@ -1,6 +1,6 @@
 """Bad files, as a careless or hostile user would give them, through the real command line.
 
-Every case runs `train.main` (one runs `python train.py` in a subprocess) and must exit with code 2
+Every case runs `minirlhf train` (commands.train.main; one in a `python -m minirlhf` process) and must exit with code 2
 and one line on stderr that names the file at fault and what is wrong with it: no traceback.
 """
 
@@ -17,18 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import (
+from tests.tiny import (
     answer,
     preference_rows,
     prompt,
     tiny_model_config,
     tiny_model_dir,
-    tiny_tokenizer,
     write_jsonl,
 )
 from safetensors.torch import load_file, save_file
 
-import train
+from minirlhf.commands import train
 from minirlhf.heads import RewardModel
 from minirlhf.model import Transformer
 
@@ -36,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
+def good(tmp_path_factory, tiny_tok):
     """A working tiny model directory (llama, SentencePiece tokenizer), a reward model and data files."""
     root = tmp_path_factory.mktemp("bad_input")
-    tok = tiny_tokenizer(root / "tok")
+    tok = tiny_tok
     torch.manual_seed(1)
     RewardModel(tiny_model_config(tok)).save_pretrained(root / "rm")
     return {
@@ -380,14 +379,16 @@ def test_empty_data_file(good, tmp_path, capsys):
 # -- the real process ----------------------------------------------------------------------------
 
 
-def test_train_py_process_exits_2_with_one_line(good, tmp_path):
-    """`python train.py` itself: exit status 2 and one stderr line, on a truncated weights file."""
+def test_the_command_process_exits_2_with_one_line(good, tmp_path):
+    """The `minirlhf train` process itself (python -m minirlhf): exit status 2 and one stderr line, on a
+    truncated weights file."""
     model = copy_model(good, tmp_path)
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "train.py", *cli_args(Run(model, good["sft"]), tmp_path / "out")],
+    args = cli_args(Run(model, good["sft"]), tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-m", "minirlhf", "train", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import train
+from minirlhf.commands import train
 from minirlhf.demo.data import generate_demo_data, tokenizer_corpus
 from minirlhf.demo.evaluate import evaluate_dir
 from minirlhf.tokenizer_training import train_sentencepiece

@@ -1,7 +1,7 @@
 """FSDP2 under torchrun, on CPU with gloo: two ranks train like one process with the same global batch,
 only rank 0 reads the checkpoint (rank 1 fills its shards from rank 0's broadcast; tied embeddings stay
 tied), sharded checkpoints resume (on 2 ranks and on 1), the consolidated export is the trained model,
-and dpo and ppo complete. The torchrun runs launch tests/dist_worker.py (train.py's run plus measurements);
+and dpo and ppo complete. The torchrun runs launch tests/dist_worker.py (`minirlhf train` plus measurements);
 each takes ~10 s on 2 cores, the whole file about a minute.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_tiny import (answer, preference_rows, prompt, tiny_config, tiny_model_config, tiny_model_dir,
-                          tiny_tokenizer, write_jsonl)
+from tests.tiny import (answer, preference_rows, prompt, tiny_config, tiny_model_config, tiny_model_dir,
+                          write_jsonl)
 from minirlhf.stages import sft
 from minirlhf.batching import BatchIterator
 from minirlhf.distributed import meta_copy
@@ -42,7 +42,8 @@ def torchrun(nproc: int, stage: str, sets: list[str], report: Path | None = None
         cmd += ["--set", s]
     if report is not None:
         cmd += ["--report", str(report)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(report.read_text()) if report is not None else {}
@@ -54,9 +55,9 @@ def metric(out: Path, key: str = "loss") -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     root = tmp_path_factory.mktemp("dist")
-    tok = tiny_tokenizer(root / "tok")
+    tok = tiny_tok
     tiny_model_dir(root / "policy", tok, seed=0)
     torch.manual_seed(1)
     RewardModel(tiny_model_config(tok)).save_pretrained(root / "rm")

@@ -9,18 +9,16 @@ stage's hyperparameters) and override only the paths and the sizes that would ma
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from helpers_tiny import (
+from tests.tiny import (
     answer,
     kto_rows,
     preference_rows,
     prompt,
     tiny_model_config,
     tiny_model_dir,
-    tiny_tokenizer,
     write_jsonl,
 )
 
@@ -126,10 +124,10 @@ def test_every_key_of_the_examples_is_documented():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     """A tiny tokenizer and llama directory, and a small file of each data format."""
     root = tmp_path_factory.mktemp("examples")
-    tok = tiny_tokenizer(root / "tok")
+    tok = tiny_tok
     model = tiny_model_dir(root / "model", tok)
     RewardModel(tiny_model_config(tok)).save_pretrained(root / "reward_model")  # ppo refuses a causal LM
     n = 24
@@ -156,8 +154,7 @@ def test_example_trains_one_step_on_a_tiny_model(name, tiny, tmp_path):
     if stage == "ppo":
         sets += [f"ppo.reward_model={root / 'reward_model'}", "ppo.prompts_per_rollout=4", "ppo.minibatch_size=4",
                  "ppo.micro_batch_size=2", "ppo.max_new_tokens=4"]
-    sys.path.insert(0, str(ROOT))
-    import train
+    from minirlhf.commands import train
 
     args = ["--config", str(EXAMPLES / name), "--device", "cpu"]
     for s in sets:

@@ -1,4 +1,4 @@
-"""Shared helpers for the kernel tests (imported by name: pytest puts this folder on sys.path).
+"""Shared helpers for the kernel tests (tests.kernels.kernel_utils).
 
 `make test-kernels` runs this directory with TRITON_INTERPRET=1, so the Triton kernels execute on the
 CPU through the interpreter; on a CUDA machine the same tests run the compiled kernels.

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from kernel_utils import (
+from tests.kernels.kernel_utils import (
     DEVICE,
     nan_like,
     needs_triton,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_utils import DEVICE, nan_like, needs_triton, rel_err
+from tests.kernels.kernel_utils import DEVICE, nan_like, needs_triton, rel_err
 
 import minirlhf.kernels as K
 from minirlhf.kernels.fused_cross_entropy import (

@@ -13,32 +13,25 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from kernel_utils import needs_triton
 
 import minirlhf.kernels as K
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers_tiny
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: train.py
-import train  # noqa: E402
-from helpers_tiny import (  # noqa: E402
+from minirlhf.commands import train
+from minirlhf.heads import RewardModel
+from minirlhf.logprobs import causal_lm_loss
+from minirlhf.model import Transformer
+from tests.kernels.kernel_utils import needs_triton
+from tests.tiny import (
     answer,
     kto_rows,
     preference_rows,
     prompt,
     tiny_model_config,
     tiny_model_dir,
-    tiny_tokenizer,
     write_jsonl,
 )
-
-from minirlhf.heads import RewardModel  # noqa: E402
-from minirlhf.logprobs import causal_lm_loss  # noqa: E402
-from minirlhf.model import Transformer  # noqa: E402
 
 pytestmark = needs_triton
 
@@ -54,10 +47,10 @@ STAGE_SETS = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     """A float32 tiny llama (1 layer) with its tokenizer, a float32 reward model and one data file a stage."""
     root = tmp_path_factory.mktemp("rehearsal")
-    tok = tiny_tokenizer(root / "tok")
+    tok = tiny_tok
     model = tiny_model_dir(root / "model", tok, num_hidden_layers=1)
     torch.manual_seed(1)
     RewardModel(tiny_model_config(tok, num_hidden_layers=1)).save_pretrained(root / "rm")

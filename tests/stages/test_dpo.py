@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import (
+from tests.tiny import (
     logps64,
     preference_rows,
     tiny_config,
     tiny_model_dir,
-    tiny_tokenizer,
     write_jsonl,
 )
 
@@ -25,13 +24,13 @@ from minirlhf.stages import dpo
 from minirlhf.model import Transformer
 from minirlhf.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     d = tmp_path_factory.mktemp("dpo")
-    tok = tiny_tokenizer(d / "tok")
+    tok = tiny_tok
     model_dir = tiny_model_dir(d / "model", tok)
     train = write_jsonl(d / "train.jsonl", preference_rows(8))
     evalf = write_jsonl(d / "eval.jsonl", preference_rows(6, offset=40))

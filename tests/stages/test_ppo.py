@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import (
+from tests.tiny import (
     prompt,
     tiny_config,
     tiny_model_config,
     tiny_model_dir,
-    tiny_tokenizer,
     write_jsonl,
 )
 
@@ -48,7 +46,7 @@ from minirlhf.run_dir import OutputDirError, claim_output_dir
 from minirlhf.errors import TrainingError
 from minirlhf.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIME_KEYS = ("time/generate", "time/score", "time/train", "time/step", "tokens_per_s")
 
 
@@ -62,10 +60,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     """Tokenizer, policy directory, reward-model directory and a prompt file."""
     root = tmp_path_factory.mktemp("ppo")
-    tok = tiny_tokenizer(root / "tok")
+    tok = tiny_tok
     policy_dir = tiny_model_dir(root / "policy", tok, seed=0)
     torch.manual_seed(1)
     RewardModel(tiny_model_config(tok)).save_pretrained(root / "rm")
@@ -530,8 +528,7 @@ kl_coef = 0.01
 critic_lr = 1e-2
 log_samples_every = 4
 """)
-    sys.path.insert(0, str(ROOT))
-    import train
+    from minirlhf.commands import train
 
     assert train.main(["--stage", "ppo", "--config", str(config), "--device", "cpu"]) == 0
     run = tmp_path / "run"

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_tiny import (
+from tests.tiny import (
     kto_rows,
     preference_rows,
     prompt,
     tiny_config,
     tiny_model_config,
     tiny_model_dir,
-    tiny_tokenizer,
     write_jsonl,
 )
 
@@ -30,9 +29,9 @@ from minirlhf.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     root = tmp_path_factory.mktemp("dropout")
-    tok = tiny_tokenizer(root / "tok")
+    tok = tiny_tok
     policy = tiny_model_dir(root / "policy", tok, seed=0)
     torch.manual_seed(1)
     RewardModel(tiny_model_config(tok)).save_pretrained(root / "rm")

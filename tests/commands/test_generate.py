@@ -7,47 +7,19 @@ tells a stop from a cut, and bad input is a one-line error naming file:line.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import prompt, tiny_model_dir, tiny_tokenizer, write_jsonl
+from tests.tiny import constant_model_dir, prompt, tiny_model_dir, write_jsonl
 
 from minirlhf import cli
 from minirlhf.commands.generate import generate_answers, read_prompts
 from minirlhf.commands.sampling import Sampling
 from minirlhf.model import Transformer
-from minirlhf.tokenizer import Tokenizer, load_tokenizer
+from minirlhf.tokenizer import load_tokenizer
 
 REAL = Path("/tmp/real/smollm2")
-
-
-def constant_model_dir(out: Path, tok: Tokenizer, stop_logit: float, seed: int = 0, **config) -> Path:
-    """A tiny llama whose next-token distribution ignores the context, so what it generates is known.
-
-    Every embedding row is e_0 and the attention and MLP outputs are zero (o_proj = down_proj = 0), so
-    the residual stream stays e_0 and the final hidden state is rmsnorm(e_0) = sqrt(d) e_0 at every
-    position. The logits are then sqrt(d) * lm_head.weight[:, 0], set to N(0, 1) draws for ordinary
-    tokens, exactly stop_logit for the stop tokens (eos and the template's <|im_end|>) and -50 for the
-    other special tokens (so every answer has visible text). config: ModelConfig overrides.
-    """
-    tiny_model_dir(out, tok, seed=seed, **config)
-    model = Transformer.from_pretrained(out)
-    scale = math.sqrt(model.config.hidden_size)
-    logits = torch.randn(model.config.vocab_size, generator=torch.Generator().manual_seed(seed))
-    logits[sorted(tok.special_ids)] = -50.0
-    logits[tok.stop_ids] = stop_logit
-    with torch.no_grad():
-        model.embed_tokens.weight.zero_()
-        model.embed_tokens.weight[:, 0] = 1.0
-        for layer in model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[:, 0] = logits / scale
-    model.save_pretrained(out)
-    return out
 
 
 def generate(*args: str) -> int:
@@ -55,9 +27,9 @@ def generate(*args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     d = tmp_path_factory.mktemp("generate")
-    tok = tiny_tokenizer(d / "tok")
+    tok = tiny_tok
     rows = [{"prompt": " ".join([prompt(i)] * (1 + i % 4)), "id": f"p{i}"} for i in range(9)]
     return {"dir": d, "tok": tok, "model": tiny_model_dir(d / "model", tok),
             "prompts": write_jsonl(d / "prompts.jsonl", rows),

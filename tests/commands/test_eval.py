@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import prompt, tiny_model_dir, tiny_tokenizer, write_jsonl
-from test_generate import constant_model_dir
+from tests.tiny import constant_model_dir, prompt, tiny_model_dir, write_jsonl
 
 from minirlhf import cli
 from minirlhf.commands.measures import per_prompt, win_scores
@@ -42,9 +41,9 @@ def even_rows_only(prompts, completions, row, **fields):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     d = tmp_path_factory.mktemp("eval")
-    tok = tiny_tokenizer(d / "tok")
+    tok = tiny_tok
     rm = RewardModel.from_pretrained(tiny_model_dir(d / "rm_base", tok, seed=7), seed=3, new_head=True)
     rm.save_pretrained(d / "rm", tokenizer=tok)
     return {"dir": d, "tok": tok, "policy": tiny_model_dir(d / "policy", tok, seed=1),

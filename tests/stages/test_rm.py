@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from helpers_tiny import preference_rows, tiny_config, tiny_tokenizer, write_jsonl
+from tests.tiny import preference_rows, tiny_config, write_jsonl
 
 from minirlhf import losses
 from minirlhf.stages import rm
@@ -25,10 +25,10 @@ REAL = Path("/tmp/real/smollm2")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     """A tiny llama made by transformers (as tests/test_model.py's hf_model), with our tokenizer."""
     d = tmp_path_factory.mktemp("rm")
-    tok = tiny_tokenizer(d / "tok")
+    tok = tiny_tok
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -14,21 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import answer, preference_rows, prompt, tiny_model_dir, tiny_tokenizer, write_jsonl
+from tests.tiny import answer, preference_rows, prompt, tiny_model_dir, write_jsonl
 
-import train
+from minirlhf.commands import train
 from minirlhf.config import load_config
 from minirlhf.run_dir import OutputDirError, claim_output_dir
 from minirlhf.trainer import plot_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMING = {"tokens_per_s", "time/step"}  # the only metrics that may differ between identical runs
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     root = tmp_path_factory.mktemp("cli")
-    tok = tiny_tokenizer(root / "tok")
+    tok = tiny_tok
     model = tiny_model_dir(root / "model", tok)
     sft_rows = [{"instruction": prompt(i), "input": "", "output": answer(i, i % 2 == 0)} for i in range(16)]
     (root / "cfg.toml").write_text("[train]\nlr = 3e-3\nmicro_batch_size = 4\nlog_every = 1\nmax_steps = 2\n"

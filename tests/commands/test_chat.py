@@ -18,22 +18,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import tiny_model_dir, tiny_tokenizer
-from test_generate import constant_model_dir
+from tests.tiny import constant_model_dir, tiny_model_dir
 
 from minirlhf.commands.chat import ChatError, ChatSession, TextStream
 from minirlhf.commands.sampling import Sampling
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REAL = Path("/tmp/real/smollm2")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     d = tmp_path_factory.mktemp("chat")
-    tok = tiny_tokenizer(d / "tok")
+    tok = tiny_tok
     return {"dir": d, "tok": tok, "model": tiny_model_dir(d / "model", tok),
             # p(stop) = 2 e^3.3 / (2 e^3.3 + sum of ~300 e^N(0,1)) ~ 0.1 per token: answers of ~10 tokens
             "chatty": constant_model_dir(d / "chatty", tok, stop_logit=3.3, max_position_embeddings=1024),

@@ -1,6 +1,6 @@
-"""Tiny artefacts for stage tests: a SentencePiece tokenizer, a 2-layer llama directory, synthetic
+"""Tiny artefacts for the tests: a SentencePiece tokenizer, a 2-layer llama directory, synthetic
 preference / KTO data and a Config pointing at them. Everything is built in a temporary folder in a
-second or two; nothing is downloaded.
+second or two; nothing is downloaded. conftest.py shares the tokenizer as the session fixture `tiny_tok`.
 
 The task of the synthetic data is trivial on purpose: every prompt asks about a topic, the preferred
 (desirable) answer says it was "good", the dispreferred (undesirable) one that it was "bad". A model
@@ -10,6 +10,7 @@ only has to tell two words apart, so a few optimizer steps must move accuracy an
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -21,10 +22,6 @@ from minirlhf.tokenizer_training import train_sentencepiece
 
 TOPICS = ("kettle", "movie", "hotel", "pizza", "camera", "garden", "novel", "phone", "album", "bicycle",
           "coffee", "museum", "jacket", "lamp", "sofa", "tent")
-# The test machines run several test processes on 2 shared cores: torch's intra-op thread pool then
-# spends far more time spinning than computing on these tiny matrices (measured: 2 s vs 0.01 s for one
-# forward/backward of the tiny model), so these tests compute on one thread.
-torch.set_num_threads(1)
 
 GOOD = ("good", "great", "lovely")
 BAD = ("bad", "awful", "poor")
@@ -105,3 +102,30 @@ def logps64(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     keep = target != -100
     logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * keep).sum(-1), keep.sum(-1)
+
+
+def constant_model_dir(out: Path, tok: Tokenizer, stop_logit: float, seed: int = 0, **config) -> Path:
+    """A tiny llama whose next-token distribution ignores the context, so what it generates is known.
+
+    Every embedding row is e_0 and the attention and MLP outputs are zero (o_proj = down_proj = 0), so
+    the residual stream stays e_0 and the final hidden state is rmsnorm(e_0) = sqrt(d) e_0 at every
+    position. The logits are then sqrt(d) * lm_head.weight[:, 0], set to N(0, 1) draws for ordinary
+    tokens, exactly stop_logit for the stop tokens (eos and the template's <|im_end|>) and -50 for the
+    other special tokens (so every answer has visible text). config: ModelConfig overrides.
+    """
+    tiny_model_dir(out, tok, seed=seed, **config)
+    model = Transformer.from_pretrained(out)
+    scale = math.sqrt(model.config.hidden_size)
+    logits = torch.randn(model.config.vocab_size, generator=torch.Generator().manual_seed(seed))
+    logits[sorted(tok.special_ids)] = -50.0
+    logits[tok.stop_ids] = stop_logit
+    with torch.no_grad():
+        model.embed_tokens.weight.zero_()
+        model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, 0] = logits / scale
+    model.save_pretrained(out)
+    return out

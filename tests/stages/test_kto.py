@@ -6,6 +6,7 @@ base model.
 """
 
 import logging
+import re
 import os
 import shutil
 import subprocess
@@ -13,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import (
+from tests.tiny import (
     kto_rows,
     logps64,
     tiny_config,
     tiny_model_dir,
-    tiny_tokenizer,
     write_jsonl,
 )
 
@@ -30,9 +30,9 @@ from minirlhf.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tok):
     d = tmp_path_factory.mktemp("kto")
-    tok = tiny_tokenizer(d / "tok")
+    tok = tiny_tok
     model_dir = tiny_model_dir(d / "model", tok)
     # 9 rows: 5 desirable (even i), 4 undesirable: lambda ratio 5/4 inside [1, 4/3], no warning
     train = write_jsonl(d / "train.jsonl", kto_rows(9))
@@ -228,10 +228,8 @@ def test_lora_reference_is_the_base_model(tiny):
 
 
 GATHER_SCRIPT = """
-import sys
 import torch
 import torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
 from minirlhf.stages import kto
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -249,24 +247,25 @@ def test_reference_point_under_torchrun_on_two_ranks(tmp_path):
     # gloo, 2 CPU ranks: rank 0's pairs give 1, 2, 3 and rank 1's pair 10 -> both ranks use (1+2+3+10)/4 = 4
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(root)],
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", str(script)],
                           cwd=root, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == ["rank 0: 4.0",
-                                                                                            "rank 1: 4.0"]
+    # the two ranks print at once: their lines may land unseparated in the one pipe
+    assert sorted(re.findall(r"rank \d: [0-9.]+", proc.stdout)) == ["rank 0: 4.0", "rank 1: 4.0"]
 
 
 # --------------------------------------------------------------------------------------------------
 # the demo's kto, from a short demo sft (the same pt and sft runs as tests/test_demo_pipeline.py)
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 
 def demo_sft(root: Path) -> dict[str, Path]:
     """Demo data, tokenizer, and a short pt (120 steps) -> sft (150 steps), as test_demo_pipeline builds them."""
-    import train
+    from minirlhf.commands import train
     from minirlhf.demo.data import generate_demo_data, tokenizer_corpus
     from minirlhf.tokenizer_training import train_sentencepiece
 
@@ -283,7 +282,7 @@ def demo_sft(root: Path) -> dict[str, Path]:
 
 def demo_kto(demo: dict[str, Path], out: Path, seed: int, threads: int, *sets: str):
     """configs/demo/kto.toml from demo["sft"] under `seed` and `threads`: the policy's report against sft."""
-    import train
+    from minirlhf.commands import train
     from minirlhf.demo.evaluate import evaluate_dir
 
     before = torch.get_num_threads()
