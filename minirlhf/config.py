@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from minirlhf import toml_fields
-from minirlhf.stages import STAGES, new_sections, spec
+from minirlhf.stages import REGISTRY, new_sections, spec
 from minirlhf.toml_fields import (
     ConfigError,
     apply_override,
@@ -277,9 +277,9 @@ class Config:
 
     def validate(self) -> None:
         """Each section's own checks, then the ones that involve the stage or several sections."""
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {toml_value(self.stage)}"
-                              f"{suggest(self.stage, STAGES)}", None, "stage")
+        if self.stage not in REGISTRY:
+            raise ConfigError(f"stage must be one of {', '.join(REGISTRY)}, got {toml_value(self.stage)}"
+                              f"{suggest(self.stage, REGISTRY)}", None, "stage")
         for section in self.sections().values():
             section.validate()
         if not self.model.path and not self.model.tokenizer:

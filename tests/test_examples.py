@@ -23,7 +23,7 @@ from tests.tiny import (
 )
 
 from minirlhf.config import iter_fields, load_config
-from minirlhf.stages import STAGES
+from minirlhf.stages import REGISTRY
 from minirlhf.heads import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_example_validates_with_placeholder_paths(name):
     of the repository."""
     stage, model_dir = EXPECTED[name]
     cfg = load_config(EXAMPLES / name)
-    assert cfg.stage == stage and stage in STAGES
+    assert cfg.stage == stage and stage in REGISTRY
     assert Path(cfg.model.path) == ROOT / "models" / model_dir
     assert all(Path(f).parent == ROOT / "data" for f in cfg.data.train_files)
     assert Path(cfg.train.output_dir) == ROOT / "runs" / Path(name).stem

@@ -14,7 +14,7 @@ import os
 
 from minirlhf.commands import run_command
 from minirlhf.errors import UserError
-from minirlhf.stages import STAGES
+from minirlhf.stages import REGISTRY
 
 HELP = "train one stage (pt, sft, rm, dpo, kto, ppo) from a TOML config"
 
@@ -23,7 +23,7 @@ class DeviceError(UserError, ValueError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", choices=STAGES, help="pipeline stage (or `stage = ...` in the config)")
+    p.add_argument("--stage", choices=list(REGISTRY), help="pipeline stage (or `stage = ...` in the config)")
     p.add_argument("--config", required=True, help="TOML config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")

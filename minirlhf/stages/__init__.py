@@ -36,7 +36,6 @@ REGISTRY: dict[str, str] = {
     "kto": "minirlhf.stages.kto",
     "ppo": "minirlhf.stages.ppo",
 }
-STAGES = tuple(REGISTRY)
 
 
 class StageSection:
@@ -76,4 +75,4 @@ def spec(stage: str) -> StageSpec:
 
 def new_sections() -> dict[str, Any]:
     """A fresh default section of every registered stage, by stage name, in registry order."""
-    return {name: spec(name).section() for name in STAGES}
+    return {name: spec(name).section() for name in REGISTRY}
