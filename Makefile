@@ -1,12 +1,14 @@
-# minirlhf: `make demo` runs the bundled task end to end on CPU; `make test` runs the test suite.
+# minirlhf: `make demo` runs the bundled task end to end on CPU; `make test` runs the test suite,
+# `make test-fast` all of it but the end-to-end runs marked slow; `make lint` is CI's ruff check.
 PYTHON ?= python
 # torch is pinned here (a CPU build) so that a fresh machine does not pull several GB of CUDA wheels;
 # the package itself only asks for a range.
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.8.0
+RUFF_PIN ?= ruff==0.17.6
 STAMP := .venv-stamp
 
-.PHONY: setup demo test test-kernels bench bench-gpu lint clean
+.PHONY: setup demo test test-fast test-kernels bench bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
@@ -23,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests --ignore=tests/kernels
 	$(MAKE) test-kernels
+
+# the suite without the end-to-end runs marked `slow` (and without the kernel run): a minute or two
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -q tests --ignore=tests/kernels -m "not slow"
 
 test-kernels: $(STAMP)
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/kernels
@@ -41,8 +47,9 @@ bench-gpu: $(STAMP)
 	$(PYTHON) benchmarks/train_step.py
 	$(PYTHON) benchmarks/fsdp_throughput.py
 
-lint: $(STAMP)
-	$(PYTHON) -m pip install -q ruff
+# ruff pinned, with the rules of pyproject.toml: pycodestyle, pyflakes, import order, bugbear, complexity <= 12
+lint:
+	$(PYTHON) -m pip install -q "$(RUFF_PIN)"
 	$(PYTHON) -m ruff check minirlhf tests benchmarks train.py
 
 clean:

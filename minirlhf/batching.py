@@ -20,7 +20,6 @@ import torch
 
 from minirlhf.losses import IGNORE_INDEX
 
-
 # ----------------------------------------------------------------------------- packing
 
 def pack_documents(docs: Sequence[Sequence[int]], block_size: int) -> list[dict[str, list[int]]]:

@@ -104,6 +104,35 @@ def _split_pieces(pieces: list[Piece], pattern: regex.Pattern, keep_matches: boo
     return out
 
 
+def _pre_tokenizer_steps(spec: dict | None, where: str, steps: list[tuple]) -> bool:
+    """Append the steps of a tokenizer.json pre-tokenizer (Sequence, Split, Digits, ByteLevel) to `steps`;
+    whether a ByteLevel step was among them. Any other kind raises TokenizerError naming `where`."""
+    if spec is None:
+        return False
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return any([_pre_tokenizer_steps(s, where, steps) for s in spec.get("pretokenizers", [])])
+    if kind == "Split":
+        pattern = spec.get("pattern", {})
+        src = pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])
+        behavior = spec.get("behavior", "Isolated")
+        if spec.get("invert") or behavior not in ("Isolated", "Removed"):
+            raise TokenizerError(f"{where}: Split pre-tokenizer with behavior={behavior!r}, "
+                                 f"invert={spec.get('invert')} is not supported (Isolated/Removed only)")
+        steps.append(("split", regex.compile(src), behavior == "Isolated"))
+        return False
+    if kind == "Digits":
+        steps.append(("split", regex.compile(r"\p{N}" if spec.get("individual_digits") else r"\p{N}+"), True))
+        return False
+    if kind == "ByteLevel":
+        if spec.get("add_prefix_space"):
+            steps.append(("prefix_space",))
+        if spec.get("use_regex", True):
+            steps.append(("split", regex.compile(GPT2_PATTERN), True))
+        return True
+    raise TokenizerError(f"{where}: pre-tokenizer type {kind!r} is not supported by byte-level BPE")
+
+
 class ByteLevelBPE:
     """Byte-level BPE model plus its pre-tokenizer and normalizer.
 
@@ -150,36 +179,7 @@ class ByteLevelBPE:
             raise TokenizerError(f"{where}: model.vocab must map each token to an integer id")
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         steps: list[tuple] = []
-        saw_byte_level = False
-
-        def add_pre(spec: dict | None) -> None:
-            nonlocal saw_byte_level
-            if spec is None:
-                return
-            kind = spec.get("type")
-            if kind == "Sequence":
-                for s in spec.get("pretokenizers", []):
-                    add_pre(s)
-            elif kind == "Split":
-                pattern = spec.get("pattern", {})
-                src = pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])
-                behavior = spec.get("behavior", "Isolated")
-                if spec.get("invert") or behavior not in ("Isolated", "Removed"):
-                    raise TokenizerError(f"{where}: Split pre-tokenizer with behavior={behavior!r}, "
-                                         f"invert={spec.get('invert')} is not supported (Isolated/Removed only)")
-                steps.append(("split", regex.compile(src), behavior == "Isolated"))
-            elif kind == "Digits":
-                steps.append(("split", regex.compile(r"\p{N}" if spec.get("individual_digits") else r"\p{N}+"), True))
-            elif kind == "ByteLevel":
-                saw_byte_level = True
-                if spec.get("add_prefix_space"):
-                    steps.append(("prefix_space",))
-                if spec.get("use_regex", True):
-                    steps.append(("split", regex.compile(GPT2_PATTERN), True))
-            else:
-                raise TokenizerError(f"{where}: pre-tokenizer type {kind!r} is not supported by byte-level BPE")
-        add_pre(data.get("pre_tokenizer"))
-        if not saw_byte_level:
+        if not _pre_tokenizer_steps(data.get("pre_tokenizer"), where, steps):
             raise TokenizerError(f"{where}: no ByteLevel pre-tokenizer; minirlhf reads byte-level BPE "
                                  f"tokenizer.json files only (SentencePiece models should come as tokenizer.model)")
         return cls(vocab, merges, steps, _normalizer_from_json(data.get("normalizer"), where),

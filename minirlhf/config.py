@@ -43,7 +43,6 @@ from minirlhf.toml_fields import (
     toml_value,
 )
 
-
 # ----------------------------------------------------------------------------- sections
 
 @dataclass

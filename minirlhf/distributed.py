@@ -34,10 +34,10 @@ import copy
 import gc
 import logging
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -369,8 +369,12 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     shard the pieces this rank's shards cover. Nothing is unpickled beyond DCP's own metadata types and
     torch's weights-only set (see `_safe_reader`)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = {"model": get_model_state_dict(model, options=_state_options()),
              "optim": get_optimizer_state_dict(model, optimizer, options=_state_options())}

@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minirlhf.hf_checkpoint import (CheckpointError, config_to_hf, ours_to_hf, read_config, read_weights,
-                                 write_model_dir)
+from minirlhf.hf_checkpoint import CheckpointError, config_to_hf, ours_to_hf, read_config, read_weights, write_model_dir
 from minirlhf.model import ModelConfig, Transformer
 from minirlhf.tokenizer import Tokenizer
 

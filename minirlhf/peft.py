@@ -22,13 +22,22 @@ import math
 import re
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from minirlhf.hf_checkpoint import GPT2_BLOCK_NAMES, GPT2_TOP_NAMES, read_tensors, save_safetensors
-from minirlhf.lora import LoRAError, has_lora, lora_layers, merge_and_unload, plain_linears, saved_modules, wrap
+from minirlhf.lora import (
+    LoRAError,
+    LoRALinear,
+    has_lora,
+    lora_layers,
+    merge_and_unload,
+    plain_linears,
+    saved_modules,
+    wrap,
+)
 from minirlhf.model import Transformer
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -260,7 +269,7 @@ def _check_same_adapter(model: Transformer, ranks: dict[str, tuple[int, float]],
         m, (r, alpha) = layers[name], ranks[name]
         if (m.r, m.alpha) != (r, alpha):
             problems.append(f"{name}: model has r={m.r}, alpha={m.alpha:g}; adapter r={r}, alpha={alpha:g}")
-    for name, m in list(layers.items())[:1]:
+    for m in list(layers.values())[:1]:
         if m.rslora != bool(cfg.get("use_rslora")):
             problems.append(f"use_rslora: model {m.rslora}, adapter {bool(cfg.get('use_rslora'))}")
         if m.dropout_p != float(cfg.get("lora_dropout", 0.0)):
@@ -363,29 +372,37 @@ def _assign_peft_state(model: Transformer, state: dict[str, torch.Tensor], file:
         if len(parts) == 1:
             put(parts[0][1].lora_A.weight, A, key + ".lora_A.weight")
             put(parts[0][1].lora_B.weight, B, key + ".lora_B.weight")
-            continue
-        width = B.shape[0] // len(parts)
-        adapted = [(i, m) for i, (_, m) in enumerate(parts) if m is not None]
-        if all(m.r == A.shape[0] for _, m in adapted):  # shared A, B split by rows
-            for i, m in adapted:
-                put(m.lora_A.weight, A, key + ".lora_A.weight")
-                put(m.lora_B.weight, B[i * width:(i + 1) * width], key + ".lora_B.weight")
-            continue
-        if sum(m.r for _, m in adapted) != A.shape[0]:
-            raise LoRAError(f"{file}: {key}.lora_A.weight has rank {A.shape[0]}; the model's q/k/v adapters "
-                            f"have ranks {[m.r for _, m in adapted]} (neither each nor in sum)")
-        s_f = adapted[0][1].scaling  # _fold_fused_ranks checked that the file's fused scale is this
-        rest = B.clone()
-        col = 0
+        else:
+            _assign_fused(key, A, B, parts, put, file)
+
+
+def _assign_fused(key: str, A: torch.Tensor, B: torch.Tensor, parts: list[tuple[str, LoRALinear | None]],
+                  put: Callable[[torch.Tensor, torch.Tensor, str], None], file: Path) -> None:
+    """One GPT-2 c_attn adapter (A: [r_f, in], B: [3 out, r_f]) into the model's q, k, v adapters (`parts`,
+    None where one has none): shared A and B split by rows when each has rank r_f, else the blocks of the
+    block-diagonal layout (see _assign_peft_state)."""
+    width = B.shape[0] // len(parts)
+    adapted = [(i, m) for i, (_, m) in enumerate(parts) if m is not None]
+    if all(m.r == A.shape[0] for _, m in adapted):  # shared A, B split by rows
         for i, m in adapted:
-            rows, cols = slice(i * width, (i + 1) * width), slice(col, col + m.r)
-            put(m.lora_A.weight, A[cols], key + ".lora_A.weight")
-            put(m.lora_B.weight, B[rows, cols] * (s_f / m.scaling), key + ".lora_B.weight")
-            rest[rows, cols] = 0
-            col += m.r
-        if rest.abs().max() > 0:
-            raise LoRAError(f"{file}: {key}.lora_B.weight is not block-diagonal over q, k, v, so it does not "
-                            f"split into this model's q/k/v adapters; load it into a model without adapters")
+            put(m.lora_A.weight, A, key + ".lora_A.weight")
+            put(m.lora_B.weight, B[i * width:(i + 1) * width], key + ".lora_B.weight")
+        return
+    if sum(m.r for _, m in adapted) != A.shape[0]:
+        raise LoRAError(f"{file}: {key}.lora_A.weight has rank {A.shape[0]}; the model's q/k/v adapters "
+                        f"have ranks {[m.r for _, m in adapted]} (neither each nor in sum)")
+    s_f = adapted[0][1].scaling  # _fold_fused_ranks checked that the file's fused scale is this
+    rest = B.clone()
+    col = 0
+    for i, m in adapted:
+        rows, cols = slice(i * width, (i + 1) * width), slice(col, col + m.r)
+        put(m.lora_A.weight, A[cols], key + ".lora_A.weight")
+        put(m.lora_B.weight, B[rows, cols] * (s_f / m.scaling), key + ".lora_B.weight")
+        rest[rows, cols] = 0
+        col += m.r
+    if rest.abs().max() > 0:
+        raise LoRAError(f"{file}: {key}.lora_B.weight is not block-diagonal over q, k, v, so it does not "
+                        f"split into this model's q/k/v adapters; load it into a model without adapters")
 
 
 # --------------------------------------------------------------------------------------------------

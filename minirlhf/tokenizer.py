@@ -423,20 +423,7 @@ def load_tokenizer(directory: str, chat_template: str | None = None, template_or
     config = _read_json(path("tokenizer_config.json"))
     special_map = _read_json(path("special_tokens_map.json"))
     generation = _read_json(path("generation_config.json"))
-    added: list[dict] = []
-    if os.path.isfile(path("tokenizer.model")):
-        model: SentencePieceModel | BPEModel = SentencePieceModel(path("tokenizer.model"))
-        files = ["tokenizer.model"] + (["tokenizer.json"] if os.path.isfile(path("tokenizer.json")) else [])
-    elif os.path.isfile(path("tokenizer.json")):
-        data = _read_json(path("tokenizer.json"))
-        model = BPEModel(ByteLevelBPE.from_tokenizer_json(data, path("tokenizer.json")))
-        added.extend(data.get("added_tokens") or [])
-        files = ["tokenizer.json"]
-    elif os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
-        model = BPEModel(ByteLevelBPE.from_vocab_merges(path("vocab.json"), path("merges.txt")))
-        files = ["vocab.json", "merges.txt"]
-    else:
-        raise TokenizerError(f"{directory}: no tokenizer.model, tokenizer.json or vocab.json + merges.txt")
+    model, files, added = _vocabulary_model(directory)
     decoder = config.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
         raise TokenizerError(f"{path('tokenizer_config.json')}: added_tokens_decoder must map ids to tokens")
@@ -462,15 +449,36 @@ def load_tokenizer(directory: str, chat_template: str | None = None, template_or
     eos_ids = [] if eos_ids is None else ([eos_ids] if isinstance(eos_ids, int) else list(eos_ids))
     generation_ids = {"bos": generation.get("bos_token_id"), "eos": eos_ids[0] if eos_ids else None,
                       "pad": generation.get("pad_token_id")}
-    template_file = os.path.isfile(path("chat_template.jinja"))
-    chat_template, origin = chat_template or None, template_origin
-    if chat_template is None and template_file:
-        chat_template, origin = read_text(path("chat_template.jinja")), path("chat_template.jinja")
-    elif chat_template is None:
-        origin = path("tokenizer_config.json")
-        chat_template = _pick_template(config.get("chat_template"), origin)
-        template_file = False
-    else:
-        template_file = False
+    chat_template, template_file, origin = _chat_template_source(directory, config, chat_template, template_origin)
     return Tokenizer(model, added, special, config, directory, files, chat_template, template_file,
                      eos_ids, generation_ids, template_origin=origin)
+
+
+def _vocabulary_model(directory: str) -> tuple[SentencePieceModel | BPEModel, list[str], list[dict]]:
+    """The directory's model (tokenizer.model, else tokenizer.json, else vocab.json + merges.txt), the files it
+    came from, and the added tokens tokenizer.json lists."""
+    path = lambda name: os.path.join(directory, name)
+    if os.path.isfile(path("tokenizer.model")):
+        files = ["tokenizer.model"] + (["tokenizer.json"] if os.path.isfile(path("tokenizer.json")) else [])
+        return SentencePieceModel(path("tokenizer.model")), files, []
+    if os.path.isfile(path("tokenizer.json")):
+        data = _read_json(path("tokenizer.json"))
+        model = BPEModel(ByteLevelBPE.from_tokenizer_json(data, path("tokenizer.json")))
+        return model, ["tokenizer.json"], list(data.get("added_tokens") or [])
+    if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
+        return BPEModel(ByteLevelBPE.from_vocab_merges(path("vocab.json"), path("merges.txt"))), \
+            ["vocab.json", "merges.txt"], []
+    raise TokenizerError(f"{directory}: no tokenizer.model, tokenizer.json or vocab.json + merges.txt")
+
+
+def _chat_template_source(directory: str, config: dict, chat_template: str | None,
+                          template_origin: str | None) -> tuple[str | None, bool, str | None]:
+    """(the template, whether it is the directory's chat_template.jinja, where it came from): the one given,
+    else chat_template.jinja, else tokenizer_config.json's."""
+    if chat_template:
+        return chat_template, False, template_origin
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        return read_text(jinja), True, jinja
+    origin = os.path.join(directory, "tokenizer_config.json")
+    return _pick_template(config.get("chat_template"), origin), False, origin

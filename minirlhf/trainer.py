@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -41,6 +41,7 @@ from minirlhf.checkpointing import (
 )
 from minirlhf.errors import TrainingError
 from minirlhf.interrupts import DeferredInterrupt
+from minirlhf.optimization import adamw, decay_groups, lr_schedule
 from minirlhf.run_dir import OutputDir, OutputDirError, claim_output_dir
 from minirlhf.run_log import MetricsLog, plot_metrics
 
@@ -50,8 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batches", "Stage", "StepResult", "Trainer", "TrainingError", "autocast_for", "decay_groups",
-           "has_diverged", "lr_factor"]
+__all__ = ["Batches", "Stage", "StepResult", "Trainer", "TrainingError", "autocast_for", "has_diverged"]
 
 DIVERGENCE_PATIENCE = 3  # consecutive logged losses
 
@@ -62,21 +62,6 @@ class StepResult:
 
     metrics: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
-
-
-def decay_groups(module: nn.Module, lr: float | None = None) -> list[dict[str, Any]]:
-    """A module's trainable parameters as two AdamW groups: weight decay on matrices except embeddings
-    ("weight_decay": None means [train] weight_decay), none on norms, biases and embeddings. `lr`
-    overrides [train] lr for both groups (ppo's critic)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": None}, {"params": no_decay, "weight_decay": 0.0}]
-    if lr is not None:
-        for g in groups:
-            g["lr"] = lr
-    return groups
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,29 +189,16 @@ class Stage:
 
 
 # --------------------------------------------------------------------------------------------------
-# precision, schedule, divergence
+# precision, divergence
 
 
-def autocast_for(precision: str, device: torch.device | str):
+def autocast_for(precision: str, device: torch.device | str) -> AbstractContextManager:
     """bf16 autocast on GPU (or when asked for with precision = "bf16"), plain float32 otherwise.
     Passes outside the loop (dpo's reference precompute, ppo's rollout) use it to match training."""
     device = torch.device(device)
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr at `step`: linear warmup over `warmup` steps, then cosine (Loshchilov
-    & Hutter 2017), linear or constant decay to min_ratio at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def has_diverged(losses: list[float], chance: float, patience: int = DIVERGENCE_PATIENCE) -> bool:
@@ -274,23 +246,13 @@ class Trainer:
         # a meta-device copy of the unsharded model, for the final export (under torchrun)
         self.skeleton = (distributed.prepare(stage.model, stage.frozen_modules(), stage.iterators(), dist)
                          if dist is not None else None)
-        groups = stage.param_groups()
-        for g in groups:
-            if g.get("weight_decay") is None:
-                g["weight_decay"] = cfg.train.weight_decay
-            g.setdefault("lr", cfg.train.lr)
-            g["initial_lr"] = g["lr"]
-        groups = [g for g in groups if g["params"]]
-        if not groups:
-            raise TrainingError("the model has no trainable parameters")
         fused = self.device.type == "cuda" and not (dist is not None and dist.cpu_offload)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                           eps=cfg.train.adam_eps, fused=fused)
+        self.optimizer = adamw(stage.param_groups(), cfg.train, fused)
         # what this run's config says of each group; a resumed optimizer state keeps its moments, not these
         self._group_settings = [{k: g[k] for k in ("lr", "initial_lr", "betas", "eps", "weight_decay")}
                                 for g in self.optimizer.param_groups]
         self.total_steps = self._total_steps()
-        self.scheduler = self._make_scheduler(0)
+        self.scheduler = lr_schedule(self.optimizer, cfg.train, self.total_steps, 0)
 
     # -- the schedule ----------------------------------------------------------------------------
 
@@ -299,13 +261,6 @@ class Trainer:
         if t.max_steps:
             return t.max_steps
         return t.epochs * self.stage.steps_per_epoch()
-
-    def _make_scheduler(self, steps_done: int) -> torch.optim.lr_scheduler.LambdaLR:
-        """The lr schedule of this run's config, `steps_done` steps in (lr = initial_lr * lr_factor)."""
-        t = self.cfg.train
-        return torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.schedule, t.min_lr_ratio),
-            last_epoch=steps_done - 1)
 
     @property
     def learning_rate(self) -> float:
@@ -405,7 +360,7 @@ class Trainer:
         state, rng = load_checkpoint(path, self.cfg.stage, self.stage.model, self.optimizer, self.dist)
         for group, settings in zip(self.optimizer.param_groups, self._group_settings):
             group.update(settings)
-        self.scheduler = self._make_scheduler(state["scheduler_steps"])
+        self.scheduler = lr_schedule(self.optimizer, self.cfg.train, self.total_steps, state["scheduler_steps"])
         try:
             self.stage.batches.load_state_dict(state["data"])
         except (ValueError, KeyError) as e:
@@ -450,56 +405,17 @@ class Trainer:
             self.run_dir.release()
 
     def _fit(self) -> dict[str, Any]:
-        t = self.cfg.train
-        rank = self.dist.rank if self.dist is not None else 0
-        if self.is_main:
-            with self.writing(self.out / "config.toml"):
-                self.cfg.save(self.out)
-        seed_everything(t.seed + 1000 * rank)  # ranks sample (dropout, ppo answers) independently
-        resume = resume_path(self.out, t.resume)
-        if resume is not None:
-            self.load_checkpoint(resume)
-        if self.dist is not None:
-            self.dist.barrier()  # rank 0 may still be cutting metrics.jsonl of a resumed run
-        with self.writing(self.out / "metrics.jsonl"):
-            self.metrics_log.open(self.step)
+        self._start()
         status = "completed"
-        losses: list[float] = []  # logged training losses, for the divergence check
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.stage, dynamic_ncols=True,
                    disable=not self.is_main)
-        if self.is_main:
-            trainable = sum(p.numel() for p in self.stage.model.parameters() if p.requires_grad)
-            logger.info("%s: steps %d to %d, %s trainable parameters, writing to %s", self.cfg.stage, self.step + 1,
-                        self.total_steps, f"{trainable:,}", self.out)
         self._boundary = self._resumable_state()
         self.interrupts.enabled = True
         try:
             self.stage.model.train()
+            losses: list[float] = []  # logged training losses, for the divergence check
             while self.step < self.total_steps:
-                self._boundary = self._resumable_state()  # what an interrupt before this step's update saves
-                start = time.perf_counter()
-                result = self.stage.train_step(self)
-                self.scheduler.step()  # once per trainer step, however many updates the stage made
-                # the update is in: from here an interrupt saves the state after this step
-                self._boundary = {**self._resumable_state(), "step": self.step + 1}
-                self.step = self._boundary["step"]
-                elapsed = time.perf_counter() - start
-                metrics, tokens = result.metrics, result.tokens
-                if self.dist is not None:  # means over ranks; tokens of all ranks
-                    metrics, tokens = self.dist.mean_metrics(metrics), self.dist.sum(tokens)
-                row = {"step": self.step, **self.stage.reduce_metrics(metrics), "learning_rate": self.learning_rate,
-                       "tokens_per_s": tokens / elapsed, "time/step": elapsed}
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    self.log(row)
-                    self._check_divergence(row, losses)
-                self.interrupts.release()  # raises a Ctrl-C held back since the update, the step now logged
-                bar.update(1)
-                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
-                                lr=f"{row.get('learning_rate', 0):.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
-                    self.run_eval()
-                if t.save_every and self.step % t.save_every == 0:
-                    self.save_checkpoint(self._boundary)
+                self._one_step(bar, losses)
             self.run_eval()
         except KeyboardInterrupt:
             status = "interrupted"
@@ -516,16 +432,69 @@ class Trainer:
             bar.close()
             self.metrics_log.close()
         if status == "completed":
-            with self.writing(self.out):
-                if self.dist is not None:  # rank 0 saves an unsharded CPU copy of the trained model
-                    distributed.export_final(self.stage.model, self.skeleton, self.dist,
-                                             lambda model: self.stage.save_final(self.out, model))
-                else:
-                    self.stage.save_final(self.out, self.stage.model)
-                if self.is_main:
-                    plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
+            self._save_final()
         self.run_dir.record()
         return {"status": status, "step": self.step, "output_dir": str(self.out)}
+
+    def _start(self) -> None:
+        """config.toml, the RNG streams of this rank, the resumed checkpoint if any, metrics.jsonl."""
+        t = self.cfg.train
+        rank = self.dist.rank if self.dist is not None else 0
+        if self.is_main:
+            with self.writing(self.out / "config.toml"):
+                self.cfg.save(self.out)
+        seed_everything(t.seed + 1000 * rank)  # ranks sample (dropout, ppo answers) independently
+        resume = resume_path(self.out, t.resume)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        if self.dist is not None:
+            self.dist.barrier()  # rank 0 may still be cutting metrics.jsonl of a resumed run
+        with self.writing(self.out / "metrics.jsonl"):
+            self.metrics_log.open(self.step)
+        if self.is_main:
+            trainable = sum(p.numel() for p in self.stage.model.parameters() if p.requires_grad)
+            logger.info("%s: steps %d to %d, %s trainable parameters, writing to %s", self.cfg.stage, self.step + 1,
+                        self.total_steps, f"{trainable:,}", self.out)
+
+    def _one_step(self, bar: tqdm, losses: list[float]) -> None:
+        """The stage's step, the schedule, the logged row, then evaluation and a checkpoint when due."""
+        t = self.cfg.train
+        self._boundary = self._resumable_state()  # what an interrupt before this step's update saves
+        start = time.perf_counter()
+        result = self.stage.train_step(self)
+        self.scheduler.step()  # once per trainer step, however many updates the stage made
+        # the update is in: from here an interrupt saves the state after this step
+        self._boundary = {**self._resumable_state(), "step": self.step + 1}
+        self.step = self._boundary["step"]
+        elapsed = time.perf_counter() - start
+        metrics, tokens = result.metrics, result.tokens
+        if self.dist is not None:  # means over ranks; tokens of all ranks
+            metrics, tokens = self.dist.mean_metrics(metrics), self.dist.sum(tokens)
+        row = {"step": self.step, **self.stage.reduce_metrics(metrics), "learning_rate": self.learning_rate,
+               "tokens_per_s": tokens / elapsed, "time/step": elapsed}
+        if self.step % t.log_every == 0 or self.step == self.total_steps:
+            self.log(row)
+            self._check_divergence(row, losses)
+        self.interrupts.release()  # raises a Ctrl-C held back since the update, the step now logged
+        bar.update(1)
+        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", lr=f"{row['learning_rate']:.2e}",
+                        tok_s=f"{row['tokens_per_s']:.0f}")
+        if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+            self.run_eval()
+        if t.save_every and self.step % t.save_every == 0:
+            self.save_checkpoint(self._boundary)
+
+    def _save_final(self) -> None:
+        """The stage's save_final with the trained model (under torchrun rank 0 with an unsharded CPU copy of
+        it), and curves.png."""
+        with self.writing(self.out):
+            if self.dist is not None:
+                distributed.export_final(self.stage.model, self.skeleton, self.dist,
+                                         lambda model: self.stage.save_final(self.out, model))
+            else:
+                self.stage.save_final(self.out, self.stage.model)
+            if self.is_main:
+                plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
 
     def run_eval(self) -> dict[str, float]:
         self.stage.model.eval()

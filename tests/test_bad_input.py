@@ -17,6 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
+from minirlhf.commands import train
+from minirlhf.heads import RewardModel
+from minirlhf.model import Transformer
 from tests.tiny import (
     answer,
     preference_rows,
@@ -25,11 +30,6 @@ from tests.tiny import (
     tiny_model_dir,
     write_jsonl,
 )
-from safetensors.torch import load_file, save_file
-
-from minirlhf.commands import train
-from minirlhf.heads import RewardModel
-from minirlhf.model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 

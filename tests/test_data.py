@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from minirlhf.config import DataSection, load_config
 from minirlhf.batching import (
     BatchIterator,
     ResumableSampler,
@@ -30,6 +29,7 @@ from minirlhf.batching import (
     pack_documents,
     pack_examples,
 )
+from minirlhf.config import DataSection, load_config
 from minirlhf.data import (
     build_datasets,
     encode_kto,

@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import (answer, preference_rows, prompt, tiny_config, tiny_model_config, tiny_model_dir,
-                          write_jsonl)
-from minirlhf.stages import sft
 from minirlhf.batching import BatchIterator
 from minirlhf.distributed import meta_copy
 from minirlhf.heads import RewardModel
 from minirlhf.model import Transformer
+from minirlhf.stages import sft
 from minirlhf.trainer import Trainer
+from tests.tiny import answer, preference_rows, prompt, tiny_config, tiny_model_config, tiny_model_dir, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"

@@ -12,6 +12,10 @@ import json
 from pathlib import Path
 
 import pytest
+
+from minirlhf.config import iter_fields, load_config
+from minirlhf.heads import RewardModel
+from minirlhf.stages import REGISTRY
 from tests.tiny import (
     answer,
     kto_rows,
@@ -21,10 +25,6 @@ from tests.tiny import (
     tiny_model_dir,
     write_jsonl,
 )
-
-from minirlhf.config import iter_fields, load_config
-from minirlhf.stages import REGISTRY
-from minirlhf.heads import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "configs" / "examples"

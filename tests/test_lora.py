@@ -25,8 +25,8 @@ from minirlhf.lora import (  # noqa: E402
     trainable_parameters,
     unmerge_lora,
 )
-from minirlhf.peft import load_adapter, save_adapter  # noqa: E402
 from minirlhf.model import Transformer  # noqa: E402
+from minirlhf.peft import load_adapter, save_adapter  # noqa: E402
 
 TOL = 1e-5
 VOCAB = 61
@@ -81,7 +81,7 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 2) -> None:
     """B starts at zero (adapter = identity); give every adapter tensor random values instead."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 

@@ -10,7 +10,6 @@ import torch
 from minirlhf import rewards as R
 from minirlhf.errors import UserError
 
-
 # ---------------------------------------------------------------------------------------------------
 # built-ins
 

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from minirlhf.stages import sft
 from minirlhf.config import load_config
-from minirlhf.tokenizer_training import train_sentencepiece
-from minirlhf.run_dir import OutputDirError
-from minirlhf.run_dir import checkpoint_dirs
 from minirlhf.errors import TrainingError
-from minirlhf.trainer import Trainer, has_diverged, lr_factor
+from minirlhf.optimization import lr_factor
+from minirlhf.run_dir import OutputDirError, checkpoint_dirs
+from minirlhf.stages import sft
+from minirlhf.tokenizer_training import train_sentencepiece
+from minirlhf.trainer import Trainer, has_diverged
 
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
 
@@ -25,7 +25,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
     g = torch.Generator().manual_seed(0)
     texts, rows = [], []
-    for i in range(64):
+    for _ in range(64):
         idx = torch.randint(len(WORDS), (8,), generator=g).tolist()
         answer = " ".join(WORDS[j] for j in idx)
         rows.append({"instruction": f"say {WORDS[idx[0]]}", "input": "", "output": answer})

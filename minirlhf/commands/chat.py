@@ -329,8 +329,14 @@ def chat_loop(session: ChatSession, verbose: bool = False, read: Callable[[str],
 
 
 def run(args: argparse.Namespace) -> int:
-    from minirlhf.commands.loading import (check_vocabulary, load_chat_tokenizer, load_policy, resolve_device,
-                                           resolve_dtype, resolve_model_paths)
+    from minirlhf.commands.loading import (
+        check_vocabulary,
+        load_chat_tokenizer,
+        load_policy,
+        resolve_device,
+        resolve_dtype,
+        resolve_model_paths,
+    )
 
     sampling = sampling_from_args(args)
     paths = resolve_model_paths(args.model, args.adapter)

@@ -41,10 +41,20 @@ from typing import TYPE_CHECKING
 from minirlhf.commands import CommandError
 from minirlhf.commands.generate import Answer, Prompt
 from minirlhf.commands.loading import add_model_arguments
-from minirlhf.commands.measures import (Key, RewardFunction, answer_logprobs, function_name, load_reward_functions,
-                                        per_prompt,
-                                        perplexity_documents, perplexity_metric, prompt_value, reward_function_scores,
-                                        reward_model_scores, win_scores)
+from minirlhf.commands.measures import (
+    Key,
+    RewardFunction,
+    answer_logprobs,
+    function_name,
+    load_reward_functions,
+    per_prompt,
+    perplexity_documents,
+    perplexity_metric,
+    prompt_value,
+    reward_function_scores,
+    reward_model_scores,
+    win_scores,
+)
 from minirlhf.commands.report import Report, mean_metric
 from minirlhf.commands.sampling import Sampling, add_sampling_arguments
 
@@ -320,8 +330,15 @@ def _prompt_rows(args: argparse.Namespace, files: Sequence[Side]) -> tuple[list[
 
 def run(args: argparse.Namespace) -> int:
     from minirlhf.commands.generate import encode_rows
-    from minirlhf.commands.loading import (check_same_vocabulary, load_chat_tokenizer, load_policy, load_reward_model,
-                                           resolve_device, resolve_dtype, resolve_model_paths)
+    from minirlhf.commands.loading import (
+        check_same_vocabulary,
+        load_chat_tokenizer,
+        load_policy,
+        load_reward_model,
+        resolve_device,
+        resolve_dtype,
+        resolve_model_paths,
+    )
     from minirlhf.commands.report import check_report_path, write_report
 
     _check_request(args)

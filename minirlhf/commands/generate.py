@@ -201,8 +201,14 @@ def check_field_clash(prompts: Sequence[Prompt], path: str | Path, answer_field:
 
 def run(args: argparse.Namespace) -> int:
     from minirlhf.commands.answer_file import AnswerWriter, file_sha256
-    from minirlhf.commands.loading import (check_vocabulary, load_chat_tokenizer, load_policy, resolve_device,
-                                           resolve_dtype, resolve_model_paths)
+    from minirlhf.commands.loading import (
+        check_vocabulary,
+        load_chat_tokenizer,
+        load_policy,
+        resolve_device,
+        resolve_dtype,
+        resolve_model_paths,
+    )
 
     sampling = sampling_from_args(args)
     if args.samples < 1:

@@ -142,8 +142,8 @@ def perplexity_documents(model: "Transformer", tok: "Tokenizer", path: str | Pat
     """
     import torch
 
-    from minirlhf.config import DataSection
     from minirlhf.batching import collate_sft
+    from minirlhf.config import DataSection
     from minirlhf.data import encode_sft, encode_text, load_examples
     from minirlhf.data_files import DataError, read_all
     from minirlhf.logprobs import sequence_logprobs

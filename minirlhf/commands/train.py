@@ -112,7 +112,6 @@ def build_trainer(cfg, device_name: str | None = None):
 def train(args: argparse.Namespace) -> dict:
     """Load the config, build the stage, fit; the trainer's summary (status, step, output_dir)."""
     from minirlhf import distributed
-
     from minirlhf.config import load_config
 
     overrides = list(args.set) + (['train.resume="auto"'] if args.resume else []) + \

@@ -38,7 +38,8 @@ def gold(prompts: Sequence[str], completions: Sequence[str], **fields) -> list[f
 
 def load_policy(path: str | Path) -> Transformer:
     """A full model directory, or a LoRA adapter directory on top of the base it names."""
-    from minirlhf.commands.loading import load_policy as load, resolve_model_paths
+    from minirlhf.commands.loading import load_policy as load
+    from minirlhf.commands.loading import resolve_model_paths
 
     return load(resolve_model_paths(path))
 

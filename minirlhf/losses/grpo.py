@@ -269,21 +269,9 @@ def grpo_policy_loss(
     clip_high is the fraction whose weight was capped), ratio_mean, and kl (mean k3) when ref_logprobs is
     given).
     """
-    caller = "grpo_policy_loss"
-    _check_choice(loss_type, GRPO_LOSS_TYPES, "loss_type", caller)
-    _check_choice(importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level", caller)
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    if not 0.0 <= epsilon_low < 1.0 or epsilon_high < 0.0:
-        raise ValueError(f"losses.{caller}: need 0 <= epsilon_low < 1 and epsilon_high >= 0, "
-                         f"got {epsilon_low} and {epsilon_high}")
-    if delta is not None and (loss_type == "cispo" or delta <= 1.0):
-        raise ValueError(f"losses.{caller}: delta caps the ratio of the clipped losses and must be > 1; "
-                         f"got delta={delta} with loss_type {loss_type!r}")
-    if beta != 0.0 and ref_logprobs is None:
-        raise ValueError(f"losses.{caller}: beta={beta} needs ref_logprobs")
-    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
-        raise ValueError(f"losses.{caller}: dr_grpo needs max_completion_length >= 1, got {max_completion_length}")
-
+    _check_policy_loss_args(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
+                            ref_logprobs is not None, max_completion_length)
     m = float_mask(mask, logprobs)
     adv = advantages.detach().to(logprobs.dtype)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [B, 1] or [B, T]
@@ -314,15 +302,7 @@ def grpo_policy_loss(
         if beta != 0.0:
             per_token = per_token + beta * kl
 
-    masked = torch.where(m != 0, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)) * m
-    if loss_type == "grpo":
-        loss = (masked.sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "bnpo" or (num_items_in_batch is None and loss_type in ("dapo", "cispo")):
-        loss = masked.sum() / m.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        loss = masked.sum() / (logprobs.shape[0] * max_completion_length)
-    else:
-        loss = masked.sum() / torch.as_tensor(num_items_in_batch, dtype=masked.dtype, device=masked.device).clamp(min=1)
+    loss = _aggregate(per_token, m, loss_type, num_items_in_batch, max_completion_length)
 
     def share(flags: Tensor) -> Tensor:
         flags = flags.expand_as(logprobs).to(logprobs.dtype)
@@ -339,3 +319,35 @@ def grpo_policy_loss(
     if kl is not None:
         stats["kl"] = masked_mean(kl.detach(), mask)
     return loss, stats
+
+
+def _check_policy_loss_args(loss_type: str, importance_sampling_level: str, epsilon_low: float, epsilon_high: float,
+                            delta: float | None, beta: float, has_ref: bool, max_completion_length: int | None) -> None:
+    """The argument checks of grpo_policy_loss: a ValueError naming the first that does not hold."""
+    caller = "grpo_policy_loss"
+    _check_choice(loss_type, GRPO_LOSS_TYPES, "loss_type", caller)
+    _check_choice(importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level", caller)
+    if not 0.0 <= epsilon_low < 1.0 or epsilon_high < 0.0:
+        raise ValueError(f"losses.{caller}: need 0 <= epsilon_low < 1 and epsilon_high >= 0, "
+                         f"got {epsilon_low} and {epsilon_high}")
+    if delta is not None and (loss_type == "cispo" or delta <= 1.0):
+        raise ValueError(f"losses.{caller}: delta caps the ratio of the clipped losses and must be > 1; "
+                         f"got delta={delta} with loss_type {loss_type!r}")
+    if beta != 0.0 and not has_ref:
+        raise ValueError(f"losses.{caller}: beta={beta} needs ref_logprobs")
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
+        raise ValueError(f"losses.{caller}: dr_grpo needs max_completion_length >= 1, got {max_completion_length}")
+
+
+def _aggregate(per_token: Tensor, m: Tensor, loss_type: str, num_items_in_batch: Tensor | float | None,
+               max_completion_length: int | None) -> Tensor:
+    """grpo_policy_loss's aggregation of the per-token terms l [B, T] under the float mask m [B, T] (the table
+    in its docstring); masked positions never leak in, even when they hold inf or NaN."""
+    masked = torch.where(m != 0, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)) * m
+    if loss_type == "grpo":
+        return (masked.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if loss_type == "bnpo" or (num_items_in_batch is None and loss_type in ("dapo", "cispo")):
+        return masked.sum() / m.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return masked.sum() / (per_token.shape[0] * max_completion_length)
+    return masked.sum() / torch.as_tensor(num_items_in_batch, dtype=masked.dtype, device=masked.device).clamp(min=1)

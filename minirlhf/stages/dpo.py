@@ -41,24 +41,24 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from minirlhf.batching import BatchIterator
 from minirlhf.build import (
     apply_lora,
     build_model,
     build_tokenizer,
     disable_dropout,
 )
-from minirlhf.hf_checkpoint import save_safetensors
+from minirlhf.checkpointing import fsync_files
 from minirlhf.config import Config
-from minirlhf.batching import BatchIterator
 from minirlhf.data import build_datasets
+from minirlhf.hf_checkpoint import save_safetensors
 from minirlhf.logprobs import pair_logprobs
 from minirlhf.losses import dpo_loss, orpo_loss, simpo_loss
 from minirlhf.model import Transformer
-from minirlhf.stages.common import PolicyStage, Reference, build_reference
 from minirlhf.stages import StageSection, StageSpec
+from minirlhf.stages.common import PolicyStage, Reference, build_reference
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import ConfigError, check, check_choice, setting, toml_value
-from minirlhf.checkpointing import fsync_files
 from minirlhf.trainer import autocast_for
 
 logger = logging.getLogger(__name__)

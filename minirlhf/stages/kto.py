@@ -43,16 +43,16 @@ from dataclasses import dataclass
 
 import torch
 
+from minirlhf.batching import BatchIterator, pad_to
 from minirlhf.build import apply_lora, build_model, build_tokenizer, disable_dropout
 from minirlhf.config import Config
-from minirlhf.batching import BatchIterator, pad_to
 from minirlhf.data import build_datasets
 from minirlhf.distributed import gather_cat
-from minirlhf.stages.common import PolicyStage, Reference, build_reference
 from minirlhf.logprobs import sequence_logprobs
 from minirlhf.losses import IGNORE_INDEX, kto_loss
 from minirlhf.model import Transformer
 from minirlhf.stages import StageSection, StageSpec
+from minirlhf.stages.common import PolicyStage, Reference, build_reference
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import check, setting
 

@@ -41,11 +41,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from minirlhf.batching import BatchIterator, collate_prompts, collate_sft
 from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer, disable_dropout, load_scalar_model
 from minirlhf.config import Config
-from minirlhf.batching import BatchIterator, collate_prompts, collate_sft
 from minirlhf.data import build_datasets, load_text_blocks
 from minirlhf.distributed import all_mean, world_size
+from minirlhf.errors import TrainingError
 from minirlhf.heads import RewardModel
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.lora import has_lora, merge_and_unload
@@ -61,6 +62,7 @@ from minirlhf.losses import (
     ppo_value_loss,
 )
 from minirlhf.model import Transformer
+from minirlhf.optimization import decay_groups
 from minirlhf.stages import StageSection, StageSpec
 from minirlhf.stages.common import Reference, build_reference, save_policy
 from minirlhf.stages.rollout import (
@@ -78,8 +80,7 @@ from minirlhf.stages.rollout import (
 )
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import ConfigError, check, check_choice, setting, toml_value
-from minirlhf.errors import TrainingError
-from minirlhf.trainer import Stage, StepResult, Trainer, decay_groups
+from minirlhf.trainer import Stage, StepResult, Trainer
 
 logger = logging.getLogger(__name__)
 

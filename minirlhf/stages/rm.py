@@ -21,15 +21,15 @@ modules_to_save); the saved reward model is the merged backbone plus the head, a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from minirlhf.batching import BatchIterator
 from minirlhf.build import DTYPES, apply_lora, build_tokenizer, fresh_model_config, prepare_backbone
 from minirlhf.config import Config
-from minirlhf.batching import BatchIterator
 from minirlhf.data import build_datasets
 from minirlhf.heads import RewardModel
 from minirlhf.losses import reward_centering_loss, reward_pair_loss

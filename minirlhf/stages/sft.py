@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from minirlhf.batching import BatchIterator
 from minirlhf.build import apply_lora, build_model, build_tokenizer
 from minirlhf.config import Config
-from minirlhf.batching import BatchIterator
 from minirlhf.data import build_datasets
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.losses import IGNORE_INDEX

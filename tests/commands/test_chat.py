@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny import constant_model_dir, tiny_model_dir
 
 from minirlhf.commands.chat import ChatError, ChatSession, TextStream
 from minirlhf.commands.sampling import Sampling
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import load_tokenizer
+from tests.tiny import constant_model_dir, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = Path("/tmp/real/smollm2")

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny import preference_rows, tiny_model_dir, write_jsonl
 
 from minirlhf import cli
 from minirlhf.commands.loading import load_policy, resolve_model_paths
 from minirlhf.heads import RewardModel
 from minirlhf.lora import LoRAConfig, inject_lora, lora_layers
-from minirlhf.peft import save_adapter
 from minirlhf.model import Transformer
+from minirlhf.peft import save_adapter
+from tests.tiny import preference_rows, tiny_model_dir, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,10 +204,9 @@ def test_export_a_reward_model_and_an_rm_checkpoint(tiny, tmp_path, capsys):
 def test_a_lora_run_names_its_base_so_its_output_loads_alone(tmp_path, tiny):
     """An sft run with LoRA writes an adapter whose adapter_config.json names the model it started
     from, so `minirlhf chat --model <run>` / load_policy find the base without --adapter."""
-    from tests.tiny import answer, prompt, tiny_config
-
     from minirlhf.stages import sft
     from minirlhf.trainer import Trainer
+    from tests.tiny import answer, prompt, tiny_config
 
     rows = [{"instruction": prompt(i), "output": answer(i, True)} for i in range(8)]
     data = write_jsonl(tmp_path / "sft.jsonl", rows)

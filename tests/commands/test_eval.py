@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny import constant_model_dir, prompt, tiny_model_dir, write_jsonl
 
 from minirlhf import cli
-from minirlhf.commands.measures import per_prompt, win_scores
 from minirlhf.commands.generate import generate_answers, read_prompts
+from minirlhf.commands.measures import per_prompt, win_scores
 from minirlhf.commands.report import bootstrap_interval
 from minirlhf.commands.sampling import Sampling
-from minirlhf.losses import IGNORE_INDEX
 from minirlhf.heads import RewardModel
+from minirlhf.losses import IGNORE_INDEX
 from minirlhf.model import Transformer
 from minirlhf.tokenizer_training import train_sentencepiece
+from tests.tiny import constant_model_dir, prompt, tiny_model_dir, write_jsonl
 
 REWARD_FUNCTIONS = '''
 def starts_with_answer(prompts, completions, answer, **fields):

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny import constant_model_dir, prompt, tiny_model_dir, write_jsonl
 
 from minirlhf import cli
 from minirlhf.commands.generate import generate_answers, read_prompts
 from minirlhf.commands.sampling import Sampling
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import load_tokenizer
+from tests.tiny import constant_model_dir, prompt, tiny_model_dir, write_jsonl
 
 REAL = Path("/tmp/real/smollm2")
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny import answer, preference_rows, prompt, tiny_model_dir, write_jsonl
 
 from minirlhf.commands import train
 from minirlhf.config import load_config
 from minirlhf.run_dir import OutputDirError, claim_output_dir
 from minirlhf.trainer import plot_metrics
+from tests.tiny import answer, preference_rows, prompt, tiny_model_dir, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMING = {"tokens_per_s", "time/step"}  # the only metrics that may differ between identical runs

@@ -5,13 +5,6 @@ import math
 
 import pytest
 import torch
-from tests.kernels.kernel_utils import (
-    DEVICE,
-    nan_like,
-    needs_triton,
-    rel_err,
-    skip_unsupported_dot_dtype,
-)
 
 import minirlhf.kernels as K
 from minirlhf.kernels.flash_attention import (
@@ -19,6 +12,13 @@ from minirlhf.kernels.flash_attention import (
     attention_backward_triton,
     attention_forward_triton,
     attention_torch,
+)
+from tests.kernels.kernel_utils import (
+    DEVICE,
+    nan_like,
+    needs_triton,
+    rel_err,
+    skip_unsupported_dot_dtype,
 )
 
 # Relative error bounds (max abs error / max abs of the float64 result). fp32: the kernel sums in a

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.kernels.kernel_utils import DEVICE, nan_like, needs_triton, rel_err
 
 import minirlhf.kernels as K
 from minirlhf.kernels.fused_cross_entropy import (
@@ -14,6 +13,7 @@ from minirlhf.kernels.fused_cross_entropy import (
     linear_logprobs_torch,
     linear_logprobs_triton,
 )
+from tests.kernels.kernel_utils import DEVICE, nan_like, needs_triton, rel_err
 
 # Relative error bounds (max abs error / max abs of the float64 result). The logits are rounded to the
 # input dtype by the matmul (as unfused logits would be), the log-sum-exp is fp32, and the gradient of

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from tests.kernels.kernel_utils import HAS_TRITON
 
 REPO = Path(__file__).resolve().parents[2]

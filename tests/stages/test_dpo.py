@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from minirlhf import losses
+from minirlhf.model import Transformer
+from minirlhf.stages import dpo
+from minirlhf.trainer import Trainer
 from tests.tiny import (
     logps64,
     preference_rows,
@@ -18,11 +23,6 @@ from tests.tiny import (
     tiny_model_dir,
     write_jsonl,
 )
-
-from minirlhf import losses
-from minirlhf.stages import dpo
-from minirlhf.model import Transformer
-from minirlhf.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from minirlhf.heads import RewardModel
+from minirlhf.lora import lora_layers
+from minirlhf.stages import dpo, kto, ppo
+from minirlhf.stages.rollout import response_logprobs, response_values
+from minirlhf.trainer import Trainer
 from tests.tiny import (
     kto_rows,
     preference_rows,
@@ -20,12 +26,6 @@ from tests.tiny import (
     tiny_model_dir,
     write_jsonl,
 )
-
-from minirlhf.stages import dpo, kto, ppo
-from minirlhf.heads import RewardModel
-from minirlhf.lora import lora_layers
-from minirlhf.stages.rollout import response_logprobs, response_values
-from minirlhf.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

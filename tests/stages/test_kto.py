@@ -6,14 +6,20 @@ base model.
 """
 
 import logging
-import re
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from minirlhf import losses
+from minirlhf.losses import IGNORE_INDEX
+from minirlhf.model import Transformer
+from minirlhf.stages import kto
+from minirlhf.trainer import Trainer
 from tests.tiny import (
     kto_rows,
     logps64,
@@ -21,12 +27,6 @@ from tests.tiny import (
     tiny_model_dir,
     write_jsonl,
 )
-
-from minirlhf import losses
-from minirlhf.stages import kto
-from minirlhf.losses import IGNORE_INDEX
-from minirlhf.model import Transformer
-from minirlhf.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def mismatched(examples, pad_id):
         o = examples[(i + 1) % len(examples)]
         ids.append(e["input_ids"][: e["prompt_len"]] + o["input_ids"][o["prompt_len"]:])
         labels.append([IGNORE_INDEX] * e["prompt_len"] + o["input_ids"][o["prompt_len"]:])
-    for row, l in zip(ids, labels):  # the completion's last token (after the end of turn) is untrained
+    for l in labels:  # the completion's last token (after the end of turn) is untrained
         l[-1] = IGNORE_INDEX
     mask = [[1] * len(r) for r in ids]
     return pad(ids, pad_id), pad(mask, 0), pad(labels, IGNORE_INDEX)

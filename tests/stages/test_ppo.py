@@ -14,19 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny import (
-    prompt,
-    tiny_config,
-    tiny_model_config,
-    tiny_model_dir,
-    write_jsonl,
-)
 
-from minirlhf.toml_fields import ConfigError
+from minirlhf.errors import TrainingError
 from minirlhf.heads import RewardModel
 from minirlhf.lora import LoRALinear, ModulesToSave, disable_adapters, lora_layers
 from minirlhf.losses import gae, group_relative_advantages, leave_one_out_advantages, ppo_advantages
 from minirlhf.model import Transformer
+from minirlhf.run_dir import OutputDirError, claim_output_dir
 from minirlhf.stages.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -42,9 +36,15 @@ from minirlhf.stages.rollout import (
     text_scorer,
 )
 from minirlhf.tokenizer_training import train_sentencepiece
-from minirlhf.run_dir import OutputDirError, claim_output_dir
-from minirlhf.errors import TrainingError
+from minirlhf.toml_fields import ConfigError
 from minirlhf.trainer import Trainer
+from tests.tiny import (
+    prompt,
+    tiny_config,
+    tiny_model_config,
+    tiny_model_dir,
+    write_jsonl,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TIME_KEYS = ("time/generate", "time/score", "time/train", "time/step", "tokens_per_s")

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tests.tiny import preference_rows, tiny_config, write_jsonl
 
 from minirlhf import losses
-from minirlhf.stages import rm
 from minirlhf.heads import NotARewardModel, RewardModel, export_pad_id
 from minirlhf.lora import lora_layers
+from minirlhf.stages import rm
 from minirlhf.tokenizer import load_tokenizer
 from minirlhf.trainer import Trainer
+from tests.tiny import preference_rows, tiny_config, write_jsonl
 
 REAL = Path("/tmp/real/smollm2")
 
