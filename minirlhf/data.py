@@ -26,10 +26,8 @@ min(prompt, budget // 2) tokens.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
-import multiprocessing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -43,9 +41,8 @@ from minirlhf.batching import (
     pack_documents,
     pack_examples,
 )
-from minirlhf.bpe import TokenizerError
 from minirlhf.config import Config, DataSection
-from minirlhf.data_files import DataError, read_all
+from minirlhf.data_files import DataError, RowError, load_examples, read_all
 from minirlhf.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -53,46 +50,42 @@ logger = logging.getLogger(__name__)
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
 
-class _RowError(Exception):
-    """What is wrong with one row; the loader adds the file and line."""
-
-
 # ----------------------------------------------------------------------------- row fields
 
 def _get_str(row: dict, key: str, required: bool = True, nonempty: bool = False) -> str | None:
     if key not in row or row[key] is None:
         if required:
-            raise _RowError(f"missing field '{key}' (row has: {', '.join(row) or 'nothing'})")
+            raise RowError(f"missing field '{key}' (row has: {', '.join(row) or 'nothing'})")
         return None
     value = row[key]
     if not isinstance(value, str):
-        raise _RowError(f"field '{key}' must be a string, got {type(value).__name__}")
+        raise RowError(f"field '{key}' must be a string, got {type(value).__name__}")
     if nonempty and not value.strip():
-        raise _RowError(f"field '{key}' is empty")
+        raise RowError(f"field '{key}' is empty")
     return value
 
 
 def _messages(turns: Any, key: str) -> list[dict[str, str]]:
     """ShareGPT ({from, value}; human/gpt/system) or OpenAI ({role, content}) turns as {role, content}."""
     if not isinstance(turns, list) or not turns:
-        raise _RowError(f"field '{key}' must be a non-empty list of turns, got {type(turns).__name__}")
+        raise RowError(f"field '{key}' must be a non-empty list of turns, got {type(turns).__name__}")
     out = []
     for n, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
-            raise _RowError(f"{key} turn {n} must be an object, got {type(turn).__name__}")
+            raise RowError(f"{key} turn {n} must be an object, got {type(turn).__name__}")
         role_key, text_key = ("from", "value") if "from" in turn else ("role", "content")
         if role_key not in turn or text_key not in turn:
-            raise _RowError(f"{key} turn {n} needs '{role_key}' and '{text_key}' (has: {', '.join(turn)})")
+            raise RowError(f"{key} turn {n} needs '{role_key}' and '{text_key}' (has: {', '.join(turn)})")
         role = turn[role_key]
         if role not in _ROLES:
-            raise _RowError(f"{key} turn {n} has unknown role {role!r} (expected one of {', '.join(_ROLES)})")
+            raise RowError(f"{key} turn {n} has unknown role {role!r} (expected one of {', '.join(_ROLES)})")
         content = turn[text_key]
         if not isinstance(content, str):
-            raise _RowError(f"{key} turn {n} '{text_key}' must be a string, got {type(content).__name__}")
+            raise RowError(f"{key} turn {n} '{text_key}' must be a string, got {type(content).__name__}")
         if _ROLES[role] == "system" and n > 1:
-            raise _RowError(f"{key} turn {n}: a system turn may only come first")
+            raise RowError(f"{key} turn {n}: a system turn may only come first")
         if _ROLES[role] == "assistant" and not content.strip():
-            raise _RowError(f"{key} turn {n}: empty answer")
+            raise RowError(f"{key} turn {n}: empty answer")
         out.append({"role": _ROLES[role], "content": content})
     return out
 
@@ -108,7 +101,7 @@ def _prompt_messages(row: dict, data: DataSection) -> list[dict[str, str]]:
     """The prompt of a preference/kto/prompt row: a string (as one user turn) or a list of turns."""
     key = data.prompt_field if data.prompt_field in row else "query" if "query" in row else None
     if key is None:
-        raise _RowError(f"missing field '{data.prompt_field}' (row has: {', '.join(row) or 'nothing'})")
+        raise RowError(f"missing field '{data.prompt_field}' (row has: {', '.join(row) or 'nothing'})")
     value = row[key]
     if isinstance(value, list):
         return _messages(value, key)
@@ -118,14 +111,14 @@ def _prompt_messages(row: dict, data: DataSection) -> list[dict[str, str]]:
 def _answer_messages(row: dict, key: str) -> list[dict[str, str]]:
     """An answer: a string (one assistant turn) or a list of turns ending with the assistant's."""
     if key not in row:
-        raise _RowError(f"missing field '{key}' (row has: {', '.join(row)})")
+        raise RowError(f"missing field '{key}' (row has: {', '.join(row)})")
     value = row[key]
     if isinstance(value, list):
         turns = _messages(value, key)
     else:
         turns = [{"role": "assistant", "content": _get_str(row, key, nonempty=True)}]
     if turns[-1]["role"] != "assistant":
-        raise _RowError(f"field '{key}' must end with an assistant turn")
+        raise RowError(f"field '{key}' must end with an assistant turn")
     return turns
 
 
@@ -138,9 +131,9 @@ def _render(tok: Any, messages: list[dict[str, str]], end_at_answer: bool = Fals
     enc = tok.apply_chat_template(messages)
     ids, mask = list(enc.ids), [bool(m) for m in enc.assistant_mask]
     if len(ids) != len(mask):
-        raise _RowError(f"chat template gave {len(ids)} ids but {len(mask)} assistant-mask entries")
+        raise RowError(f"chat template gave {len(ids)} ids but {len(mask)} assistant-mask entries")
     if not any(mask):
-        raise _RowError("the chat template marked no assistant tokens (does it support assistant masks?)")
+        raise RowError("the chat template marked no assistant tokens (does it support assistant masks?)")
     if end_at_answer:
         end = max(i for i, m in enumerate(mask) if m) + 1
         ids, mask = ids[:end], mask[:end]
@@ -200,7 +193,7 @@ def encode_text(row: Any, tok: Any, data: DataSection, add_bos: bool = False) ->
     """pt: one document's tokens, [BOS] + text + EOS."""
     text = row if isinstance(row, str) else _get_str(_as_object(row), data.text_field, nonempty=True)
     if not text.strip():
-        raise _RowError("empty text")
+        raise RowError("empty text")
     bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
     return bos + list(tok.encode(text)) + [tok.eos_id]
 
@@ -216,24 +209,24 @@ def encode_sft(row: Any, tok: Any, data: DataSection) -> dict[str, list[int]]:
         elif data.instruction_field in row:
             fmt = "alpaca"
         else:
-            raise _RowError(f"row has neither '{data.instruction_field}' (alpaca) nor "
+            raise RowError(f"row has neither '{data.instruction_field}' (alpaca) nor "
                             f"'conversations'/'messages' (sharegpt); has: {', '.join(row) or 'nothing'}")
     if fmt == "alpaca":
         instruction = _get_str(row, data.instruction_field)
         extra = _get_str(row, data.input_field, required=False)
         prompt = "\n\n".join(p for p in (instruction, extra) if p)
         if not prompt.strip():
-            raise _RowError(f"empty prompt: '{data.instruction_field}' and '{data.input_field}' are both empty")
+            raise RowError(f"empty prompt: '{data.instruction_field}' and '{data.input_field}' are both empty")
         answer = _get_str(row, data.output_field)
         if not answer.strip():
-            raise _RowError(f"empty answer in field '{data.output_field}'")
+            raise RowError(f"empty answer in field '{data.output_field}'")
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     else:
         if turns_key not in row:
-            raise _RowError(f"missing field '{turns_key}' (row has: {', '.join(row) or 'nothing'})")
+            raise RowError(f"missing field '{turns_key}' (row has: {', '.join(row) or 'nothing'})")
         messages = _messages(row[turns_key], turns_key)
         if messages[-1]["role"] != "assistant":
-            raise _RowError(f"'{turns_key}' must end with an assistant turn, got {messages[-1]['role']}")
+            raise RowError(f"'{turns_key}' must end with an assistant turn, got {messages[-1]['role']}")
     ids, labels, _ = _masked_example(tok, _with_system(messages, row, data), data.cutoff_len, final_only=False)
     return {"input_ids": ids, "labels": labels}
 
@@ -246,13 +239,13 @@ def encode_preference(row: Any, tok: Any, data: DataSection, margin_field: str =
     row = _as_object(row)
     has_prompt = data.prompt_field in row or "query" in row
     if not has_prompt and not isinstance(row.get(data.chosen_field), list):
-        raise _RowError(f"missing field '{data.prompt_field}' (needed unless '{data.chosen_field}' and "
+        raise RowError(f"missing field '{data.prompt_field}' (needed unless '{data.chosen_field}' and "
                         f"'{data.rejected_field}' are lists of turns; row has: {', '.join(row) or 'nothing'})")
     prompt = _prompt_messages(row, data) if has_prompt else []
     chosen = prompt + _answer_messages(row, data.chosen_field)
     rejected = prompt + _answer_messages(row, data.rejected_field)
     if chosen[:-1] != rejected[:-1]:
-        raise _RowError(f"'{data.chosen_field}' and '{data.rejected_field}' must share every turn but the last")
+        raise RowError(f"'{data.chosen_field}' and '{data.rejected_field}' must share every turn but the last")
     sides = []
     for messages in (chosen, rejected):
         ids, mask = _render(tok, _with_system(messages, row, data), end_at_answer=True)
@@ -268,10 +261,10 @@ def encode_preference(row: Any, tok: Any, data: DataSection, margin_field: str =
         out[f"{name}_input_ids"], out[f"{name}_labels"] = _truncate(ids, labels, split, keep, budget, head)
     if margin_field:
         if margin_field not in row:
-            raise _RowError(f"missing field '{margin_field}' ([rm] margin_field)")
+            raise RowError(f"missing field '{margin_field}' ([rm] margin_field)")
         margin = row[margin_field]
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            raise _RowError(f"field '{margin_field}' must be a number, got {type(margin).__name__}")
+            raise RowError(f"field '{margin_field}' must be a number, got {type(margin).__name__}")
         out["margin"] = float(margin)
     return out
 
@@ -281,9 +274,9 @@ def encode_kto(row: Any, tok: Any, data: DataSection) -> dict[str, Any]:
     row = _as_object(row)
     label = row.get(data.label_field)
     if data.label_field not in row:
-        raise _RowError(f"missing field '{data.label_field}' (row has: {', '.join(row)})")
+        raise RowError(f"missing field '{data.label_field}' (row has: {', '.join(row)})")
     if not isinstance(label, bool):
-        raise _RowError(f"field '{data.label_field}' must be true or false, got {json.dumps(label)}")
+        raise RowError(f"field '{data.label_field}' must be true or false, got {json.dumps(label)}")
     messages = _prompt_messages(row, data) + _answer_messages(row, data.completion_field)
     ids, labels, prompt_len = _masked_example(tok, _with_system(messages, row, data), data.cutoff_len,
                                               final_only=True)
@@ -309,10 +302,10 @@ def encode_prompt(row: Any, tok: Any, data: DataSection, max_len: int | None = N
         extra = _get_str(row, data.input_field, required=False)
         messages = [{"role": "user", "content": "\n\n".join(p for p in (instruction, extra) if p)}]
     else:
-        raise _RowError(f"row has no prompt: expected '{data.prompt_field}', 'messages' or "
+        raise RowError(f"row has no prompt: expected '{data.prompt_field}', 'messages' or "
                         f"'{data.instruction_field}'; has: {', '.join(row) or 'nothing'}")
     if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-        raise _RowError("the prompt must end with a non-empty user turn")
+        raise RowError("the prompt must end with a non-empty user turn")
     ids = list(tok.apply_chat_template(_with_system(messages, row, data), add_generation_prompt=True).ids)
     max_len = max_len or data.cutoff_len
     head = _head(ids, tok)
@@ -323,85 +316,11 @@ def encode_prompt(row: Any, tok: Any, data: DataSection, max_len: int | None = N
 
 def _as_object(row: Any) -> dict:
     if not isinstance(row, dict):
-        raise _RowError(f"row must be a JSON object, got {type(row).__name__}")
+        raise RowError(f"row must be a JSON object, got {type(row).__name__}")
     return row
 
 
-# ----------------------------------------------------------------------------- loading
-
-def load_examples(files: Sequence[str], encode: Callable[[Any], Any], skip_bad_rows: bool = False,
-                  num_workers: int = 0, rows: Sequence[tuple[str, int, Any]] | None = None,
-                  ) -> tuple[list[Any], list[str]]:
-    """Encode every row of `files` (or the given (file, line, row) triples) with `encode`.
-
-    Returns (examples, skipped) where skipped lists 'file:line: what is wrong' for each bad row; without
-    skip_bad_rows the first bad row raises a DataError with that message.
-    """
-    if rows is None:
-        rows, skipped = read_all(files, skip_bad_rows)
-    else:
-        skipped = []
-    if num_workers > 0 and len(rows) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        results = _encode_in_workers(encode, [r for _, _, r in rows], num_workers)
-    else:
-        results = [_try_encode(encode, r) for _, _, r in rows]
-    examples = []
-    for (path, line, _), (ok, value) in zip(rows, results):
-        if ok:
-            examples.append(value)
-            continue
-        message = f"{path}:{line}: {value}"
-        if not skip_bad_rows:
-            raise DataError(message)
-        skipped.append(message)
-    return examples, skipped
-
-
-def _encode_in_workers(encode: Callable[[Any], Any], rows: list[Any], num_workers: int) -> list[tuple[bool, Any]]:
-    """`_try_encode` over contiguous chunks of `rows` in forked processes.
-
-    Forked children inherit `encode` (and the tokenizer inside it) from this process's memory, so it is
-    never pickled (compiled chat templates cannot be); only the encoded lists come back through pipes.
-    """
-    ctx = multiprocessing.get_context("fork")
-    bounds = [len(rows) * k // num_workers for k in range(num_workers + 1)]
-    workers = []
-    for lo, hi in itertools.pairwise(bounds):
-        receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_encode_chunk, args=(encode, rows[lo:hi], send), daemon=True)
-        proc.start()
-        send.close()
-        workers.append((proc, receive))
-    results = []
-    for k, (proc, receive) in enumerate(workers):
-        try:
-            ok, value = receive.recv()
-        except EOFError:
-            ok, value = False, "the process died"
-        proc.join()
-        if not ok:
-            raise RuntimeError(f"minirlhf/data.py: tokenizer worker {k} failed: {value}")
-        results += value
-    return results
-
-
-def _encode_chunk(encode: Callable[[Any], Any], rows: list[Any], send: Any) -> None:
-    try:
-        send.send((True, [_try_encode(encode, r) for r in rows]))
-    except Exception as e:  # noqa: BLE001 - any failure is reported to the parent, which raises it
-        send.send((False, f"{type(e).__name__}: {e}"))
-    finally:
-        send.close()
-
-
-def _try_encode(encode: Callable[[Any], Any], row: Any) -> tuple[bool, Any]:
-    """(True, the example) or (False, what is wrong with the row): a malformed row, or a row the chat
-    template refuses (its raise_exception, a conversation it cannot render)."""
-    try:
-        return True, encode(row)
-    except (_RowError, TokenizerError) as e:
-        return False, str(e)
-
+# ----------------------------------------------------------------------------- a run's datasets
 
 def load_text_blocks(files: Sequence[str], tok: Any, data: DataSection, add_bos: bool = False) -> list[dict]:
     """Text documents of `files` (a text-format file each), packed into [data] block_size blocks as pt

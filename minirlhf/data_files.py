@@ -1,17 +1,28 @@
-"""Data files -> rows: .jsonl (one JSON value a line), .json (one array of them) or .txt (one document per
-blank-line-separated paragraph), each row with the line it starts on, so that every error about a row or a
-file can say `file:line:` (data.py turns rows into examples).
+"""Data files -> rows -> encoded examples, every bad row named `file:line:`.
+
+Rows come from .jsonl (one JSON value a line), .json (one array of them) or .txt (one document per
+blank-line-separated paragraph), each with the line it starts on. `load_examples` applies an encoder
+(data.py's, by data format) to every row, in this process or in forked workers; a row the encoder refuses
+(`RowError`, or a chat template's TokenizerError) becomes a DataError naming its file and line, or is
+skipped and counted with [data] skip_bad_rows.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from minirlhf.bpe import TokenizerError
 from minirlhf.errors import UserError
+
+
+class RowError(Exception):
+    """What is wrong with one row (raised by an encoder); load_examples adds the file and line."""
 
 
 class DataError(UserError, ValueError):
@@ -136,3 +147,77 @@ def read_all(files: Sequence[str], skip_bad_rows: bool = False) -> tuple[list[tu
             else:
                 raise DataError(f"{path}:{line}: {error}")
     return rows, skipped
+
+
+def load_examples(files: Sequence[str], encode: Callable[[Any], Any], skip_bad_rows: bool = False,
+                  num_workers: int = 0, rows: Sequence[tuple[str, int, Any]] | None = None,
+                  ) -> tuple[list[Any], list[str]]:
+    """Encode every row of `files` (or the given (file, line, row) triples) with `encode`.
+
+    Returns (examples, skipped) where skipped lists 'file:line: what is wrong' for each bad row; without
+    skip_bad_rows the first bad row raises a DataError with that message.
+    """
+    if rows is None:
+        rows, skipped = read_all(files, skip_bad_rows)
+    else:
+        skipped = []
+    if num_workers > 0 and len(rows) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        results = _encode_in_workers(encode, [r for _, _, r in rows], num_workers)
+    else:
+        results = [_try_encode(encode, r) for _, _, r in rows]
+    examples = []
+    for (path, line, _), (ok, value) in zip(rows, results):
+        if ok:
+            examples.append(value)
+            continue
+        message = f"{path}:{line}: {value}"
+        if not skip_bad_rows:
+            raise DataError(message)
+        skipped.append(message)
+    return examples, skipped
+
+
+def _encode_in_workers(encode: Callable[[Any], Any], rows: list[Any], num_workers: int) -> list[tuple[bool, Any]]:
+    """`_try_encode` over contiguous chunks of `rows` in forked processes.
+
+    Forked children inherit `encode` (and the tokenizer inside it) from this process's memory, so it is
+    never pickled (compiled chat templates cannot be); only the encoded lists come back through pipes.
+    """
+    ctx = multiprocessing.get_context("fork")
+    bounds = [len(rows) * k // num_workers for k in range(num_workers + 1)]
+    workers = []
+    for lo, hi in itertools.pairwise(bounds):
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_encode_chunk, args=(encode, rows[lo:hi], send), daemon=True)
+        proc.start()
+        send.close()
+        workers.append((proc, receive))
+    results = []
+    for k, (proc, receive) in enumerate(workers):
+        try:
+            ok, value = receive.recv()
+        except EOFError:
+            ok, value = False, "the process died"
+        proc.join()
+        if not ok:
+            raise RuntimeError(f"minirlhf/data_files.py: tokenizer worker {k} failed: {value}")
+        results += value
+    return results
+
+
+def _encode_chunk(encode: Callable[[Any], Any], rows: list[Any], send: Any) -> None:
+    try:
+        send.send((True, [_try_encode(encode, r) for r in rows]))
+    except Exception as e:  # noqa: BLE001 - any failure is reported to the parent, which raises it
+        send.send((False, f"{type(e).__name__}: {e}"))
+    finally:
+        send.close()
+
+
+def _try_encode(encode: Callable[[Any], Any], row: Any) -> tuple[bool, Any]:
+    """(True, the example) or (False, what is wrong with the row): a malformed row, or a row the chat
+    template refuses (its raise_exception, a conversation it cannot render)."""
+    try:
+        return True, encode(row)
+    except (RowError, TokenizerError) as e:
+        return False, str(e)

@@ -37,10 +37,9 @@ from minirlhf.data import (
     encode_prompt,
     encode_sft,
     encode_text,
-    load_examples,
     split_rows,
 )
-from minirlhf.data_files import DataError, read_all
+from minirlhf.data_files import DataError, load_examples, read_all
 from minirlhf.losses import IGNORE_INDEX
 
 BOS, EOT = 1, 2

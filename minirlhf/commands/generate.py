@@ -107,8 +107,8 @@ def encode_rows(rows: Sequence[tuple[str, int, dict]], tok: "Tokenizer", raw: bo
     from functools import partial
 
     from minirlhf.config import DataSection
-    from minirlhf.data import encode_prompt, load_examples
-    from minirlhf.data_files import DataError
+    from minirlhf.data import encode_prompt
+    from minirlhf.data_files import DataError, load_examples
 
     if raw:
         encoded = []

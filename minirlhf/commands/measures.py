@@ -144,8 +144,8 @@ def perplexity_documents(model: "Transformer", tok: "Tokenizer", path: str | Pat
 
     from minirlhf.batching import collate_sft
     from minirlhf.config import DataSection
-    from minirlhf.data import encode_sft, encode_text, load_examples
-    from minirlhf.data_files import DataError, read_all
+    from minirlhf.data import encode_sft, encode_text
+    from minirlhf.data_files import DataError, load_examples, read_all
     from minirlhf.logprobs import sequence_logprobs
 
     window = model.config.max_position_embeddings

@@ -59,7 +59,7 @@ from minirlhf.stages import StageSection, StageSpec
 from minirlhf.stages.common import PolicyStage, Reference, build_reference
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import ConfigError, check, check_choice, setting, toml_value
-from minirlhf.trainer import autocast_for
+from minirlhf.trainer import Trainer, autocast_for
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class PreferenceStage(PolicyStage):
         B = batch["chosen_input_ids"].shape[0]
         return sums[:B], sums[B:]
 
-    def loss(self, batch):
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B = batch["chosen_input_ids"].shape[0]
         d = self.cfg.dpo
         sums, counts = pair_logprobs(self.model, batch)  # [2B], [2B]
@@ -259,7 +259,7 @@ class PreferenceStage(PolicyStage):
             metrics["nll"] = -avg[:B].detach().mean()
         return loss, metrics
 
-    def evaluate(self, trainer) -> dict[str, float]:
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Pair-weighted means of the step's metrics over the eval pairs."""
         if not self.eval_examples:
             return {}

@@ -55,6 +55,7 @@ from minirlhf.stages import StageSection, StageSpec
 from minirlhf.stages.common import PolicyStage, Reference, build_reference
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import check, setting
+from minirlhf.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class KTOStage(PolicyStage):
         ref, _ = self.reference.run(sequence_logprobs, stacked(batch, self.tok.pad_id))
         return {"policy": policy, "ref": ref[:B], "kl": reference_point(kl_policy, ref[B:], self.gather)}
 
-    def loss(self, batch):
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         k = self.cfg.kto
         out = self.forward(batch)
         losses = kto_loss(out["policy"], out["ref"], batch["desirable"], out["kl"], beta=k.beta,
@@ -199,7 +200,7 @@ class KTOStage(PolicyStage):
             bounds.pop(-2)
         return [self.eval_examples[a:b] for a, b in itertools.pairwise(bounds)]
 
-    def evaluate(self, trainer) -> dict[str, float]:
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Example-weighted loss and kl, and per-class means over the eval examples (every rank evaluates
         them all, so the gathers inside `loss` pair up)."""
         if not self.eval_examples:

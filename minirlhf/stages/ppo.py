@@ -1,31 +1,25 @@
 """The ppo stage: RLHF with a reward model and PPO (Ziegler et al. 2019; Ouyang et al. 2022, InstructGPT).
+This file holds the optimisation (advantages, PPO epochs, KL control); the experience it trains on comes
+from stages/rollout.py, the formulas from losses/ppo.py (docs/ppo.md has the whole step).
 
 One trainer step is one rollout and its PPO epochs:
 
     prompts_per_rollout prompts --generate samples_per_prompt answers each--> rollout of B sequences
     score (reward model) + per-token KL penalty to the reference  -> rewards        (losses.kl_penalized_rewards)
-    GAE over the critic's values                                    -> advantages   (losses.gae)
+    GAE over the critic's values, or grpo / rloo without one        -> advantages   (losses.ppo_advantages)
     ppo_epochs x (shuffle; minibatch_size sequences per optimizer update;
                   micro_batch_size sequences per forward/backward)   clipped policy + value losses
 
-Four models, kept small in memory: the policy and the reference share one base when LoRA is on (the
-reference is the policy with its adapter disabled; a frozen copy when training fully), the critic starts
-from the reward model with its own adapter (or its own weights), and the reward model is frozen (loaded in
-[ppo] reward_dtype, e.g. bfloat16). Generation and every rollout forward run without gradients.
+Four models: the policy and the reference share one base when LoRA is on (the reference is the policy with
+its adapter disabled; a frozen copy when training fully), the critic starts from the reward model with its
+own adapter (or its own weights), and the reward model is frozen (in [ppo] reward_dtype).
 
-The batch hierarchy, checked by config.py:
-    rollout   = prompts_per_rollout * samples_per_prompt sequences    (one trainer step)
+The batch hierarchy, checked by PPOSection.validate:
+    rollout   = prompts_per_rollout * samples_per_prompt sequences    (one trainer step, one lr step)
     minibatch = minibatch_size sequences, a divisor of the rollout    (one optimizer update)
     micro     = micro_batch_size sequences, a divisor of the minibatch (one forward/backward)
 Losses are token means over the whole minibatch: each micro-batch's mean is weighted by its share of the
 minibatch's answer tokens, so the update does not depend on micro_batch_size.
-
-The lr schedule (warmup_steps, total steps) counts rollouts, like the trainer's step counter; the
-several optimizer updates of one rollout share one lr.
-
-The critic-free estimators (GRPO, RLOO) and a Python reward function are parameters of PPOStage
-(`estimator`, `score_fn`), see `advantages` and minirlhf/rollout.py. The math is in minirlhf/losses.py
-and docs/ppo.md.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from minirlhf.losses import reward_centering_loss, reward_pair_loss
 from minirlhf.stages import StageSection, StageSpec
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import check, check_choice, setting
-from minirlhf.trainer import Stage
+from minirlhf.trainer import Stage, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class RewardStage(Stage):
                    "rewards/chosen": c.mean(), "rewards/rejected": r.mean()}
         return loss, metrics
 
-    def loss(self, batch):
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = pair_scores(self.model, batch)
         return self.pair_loss(chosen, rejected, batch.get("margin") if self.cfg.rm.margin_field else None)
 
@@ -126,7 +126,7 @@ class RewardStage(Stage):
             rejected.append(r.float().cpu())
         return torch.cat(chosen), torch.cat(rejected)
 
-    def evaluate(self, trainer) -> dict[str, float]:
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Pair-weighted loss, accuracy and margin over the eval pairs."""
         if not self.eval_examples:
             return {}

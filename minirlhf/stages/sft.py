@@ -24,6 +24,7 @@ from minirlhf.stages import StageSection, StageSpec
 from minirlhf.stages.common import PolicyStage
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import ConfigError, check, setting
+from minirlhf.trainer import Trainer
 
 
 @dataclass
@@ -80,11 +81,11 @@ class LanguageModelingStage(PolicyStage):
         if cfg.stage == "sft" and cfg.sft.neftune_alpha > 0:
             model.embed_tokens.register_forward_hook(neftune_hook(cfg.sft.neftune_alpha))
 
-    def loss(self, batch):
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = causal_lm_loss(self.model, batch)
         return loss, {"loss": loss.detach()}
 
-    def loss_tokens(self, batch) -> int:
+    def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """The trained labels (positions 1..T-1 not IGNORE_INDEX): the loss is their mean, and the trainer weights
         micro-batches by them, so a step is the mean over every trained token of its batch."""
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -93,7 +94,7 @@ class LanguageModelingStage(PolicyStage):
         """ln V: the cross-entropy of a uniform guess over the model's vocabulary."""
         return math.log(self.model.config.vocab_size)
 
-    def evaluate(self, trainer) -> dict[str, float]:
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Token-weighted mean loss over the eval examples, and its perplexity."""
         if not self.eval_examples:
             return {}
