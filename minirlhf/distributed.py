@@ -38,13 +38,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from minirlhf.config import Config
+if TYPE_CHECKING:
+    from minirlhf.config import Config
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from minirlhf.config import Config
 from minirlhf.errors import UserError
+
+if TYPE_CHECKING:
+    from minirlhf.config import Config
 
 MARKER = ".minirlhf-run.json"  # {"stage": ..., "entries": [names this run wrote or may write]}
 LOCK = ".minirlhf.lock"
