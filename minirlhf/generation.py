@@ -8,11 +8,13 @@ marked invalid in the returned mask.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from minirlhf.inference_weights import can_fuse, inference_weights
 from minirlhf.model import Transformer, positions_from_mask
 
 
@@ -72,6 +74,39 @@ def sample_next(
     return tokens, F.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0]
 
 
+def prefill_mask(prompt_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask of the prompt pass: [B, P] bool (True = real token) -> [B, 1, P, cache_len].
+
+    Query i sees slot j iff j <= i and both are real or both are pads (a pad query then still has a
+    key, so no attention row is empty; pads never reach a real token's result). Slots >= P are unwritten.
+    """
+    B, P = prompt_mask.shape
+    slots = torch.arange(cache_len, device=prompt_mask.device)
+    causal = slots[None, :] <= slots[:P, None]  # (P, S)
+    key_is_real = F.pad(prompt_mask, (0, cache_len - P))  # (B, S), unwritten slots False
+    same_kind = prompt_mask[:, :, None] == key_is_real[:, None, :]  # (B, P, S)
+    mask = torch.zeros(B, 1, P, cache_len, dtype=dtype, device=prompt_mask.device)
+    return mask.masked_fill_(~(causal & same_kind)[:, None], float("-inf"))
+
+
+def step_mask(prompt_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask of a one-token step before any new token is written: [B, P] -> [B, 1, 1, cache_len],
+    0 on real prompt slots, -inf on pads and unwritten slots. The loop opens one slot a step in place,
+    so the mask is never rebuilt."""
+    key_is_real = F.pad(prompt_mask, (0, cache_len - prompt_mask.shape[1]))  # (B, S)
+    mask = torch.zeros(key_is_real.shape, dtype=dtype, device=prompt_mask.device)
+    return mask.masked_fill_(~key_is_real, float("-inf"))[:, None, None, :]
+
+
+def compiled_step(model: Transformer):
+    """model.decode_step under torch.compile: inductor on CPU, CUDA graphs (mode="reduce-overhead") on
+    GPU. The first call of a generation shape compiles (tens of seconds on a CPU; see
+    benchmarks/generate.py --compile for the measured time); later calls with the same batch, cache
+    length and dtype reuse it."""
+    mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else None
+    return torch.compile(model.decode_step, dynamic=False, mode=mode)
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -84,10 +119,17 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    fused_weights: bool | None = None,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Continue left-padded prompts input_ids [B, P] (attention_mask [B, P], 1 = real) by up to
     max_new_tokens tokens each, stopping each row at its first stop token (eos_token_id, defaulting to
-    the model config's eos; a list means any of them)."""
+    the model config's eos; a list means any of them).
+
+    fused_weights: decode with fused, LoRA-folded and (on CPU) prepacked copies of the weights
+    (minirlhf/inference_weights.py: faster, one more copy of the weights while this runs); None = when
+    possible (not while FSDP holds the weights sharded). compile: run each step through `compiled_step`.
+    """
     B, P = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -99,35 +141,46 @@ def generate(
     stop_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=device)
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     pad = pad if pad is not None else (int(stop_ids[0]) if len(stop_ids) else 0)
+    if fused_weights is None:
+        fused_weights = can_fuse(model)
 
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     valid = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
-    key_is_real = torch.cat([prompt_mask, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
+    S = P + max_new_tokens
+    dtype = model.embed_tokens.weight.dtype
 
     was_training = model.training
     model.eval()
-    model.setup_kv_cache(B, P + max_new_tokens)
+    model.setup_kv_cache(B, S)
     try:
-        hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask), 0, key_is_real)
-        logits = model.lm_head(hidden[:, -1])  # (B, V)
-        next_pos = prompt_mask.sum(-1)  # (B,)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        steps = 0
-        for step in range(max_new_tokens):
-            tok, logp = sample_next(logits, temperature, top_k, top_p, generator)
-            alive = ~finished
-            tokens[:, step] = torch.where(alive, tok, pad)
-            logprobs[:, step] = torch.where(alive, logp, 0.0)
-            valid[:, step] = alive
-            finished = finished | (alive & torch.isin(tok, stop_ids))
-            steps = step + 1
-            # checking for "all done" syncs with the device, so do it every few steps only
-            if step == max_new_tokens - 1 or (step % 4 == 3 and bool(finished.all())):
-                break
-            hidden = model.decode_step(tokens[:, step : step + 1], next_pos[:, None], P + step, key_is_real)
-            logits = model.lm_head(hidden[:, -1])
-            next_pos = next_pos + 1
+        with inference_weights(model, B) if fused_weights else nullcontext() as frozen_head:
+            head = frozen_head or model.lm_head
+            step = compiled_step(model) if compile else model.decode_step
+            hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask),
+                                       torch.arange(P, device=device), prefill_mask(prompt_mask, S, dtype))
+            logits = head(hidden[:, -1])  # (B, V): the LM head on the last position only
+            mask = step_mask(prompt_mask, S, dtype)  # (B, 1, 1, S)
+            slot = torch.full((1,), P, dtype=torch.long, device=device)
+            next_pos = prompt_mask.sum(-1, keepdim=True)  # (B, 1)
+            finished = torch.zeros(B, dtype=torch.bool, device=device)
+            steps = 0
+            for i in range(max_new_tokens):
+                tok, logp = sample_next(logits, temperature, top_k, top_p, generator)
+                alive = ~finished
+                tokens[:, i] = torch.where(alive, tok, pad)
+                logprobs[:, i] = torch.where(alive, logp, 0.0)
+                valid[:, i] = alive
+                finished = finished | (alive & torch.isin(tok, stop_ids))
+                steps = i + 1
+                # checking for "all done" syncs with the device, so do it every few steps only
+                if i == max_new_tokens - 1 or (i % 4 == 3 and bool(finished.all())):
+                    break
+                mask.index_fill_(-1, slot, 0.0)  # the new token's slot becomes visible
+                hidden = step(tokens[:, i: i + 1], next_pos, slot, mask)
+                logits = head(hidden[:, -1])
+                next_pos += 1
+                slot += 1
     finally:
         model.clear_kv_cache()
         model.train(was_training)
