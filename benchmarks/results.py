@@ -25,6 +25,8 @@ named in `what`, measured in the same run on the same machine; >1 means ours is 
 |---|---|---|---|---|---|---|---|---|
 """
 COLUMNS = 9  # the header's columns, in its order
+# the real checkpoint the speed benchmarks run on; `make bench` builds it with ../shared/real-models/smollm2.sh
+REAL_MODEL = Path("/tmp/real/smollm2")
 
 
 def append_rows(rows: list[list[str]], path: Path = RESULTS) -> None:
@@ -59,3 +61,10 @@ def versions(*names: str) -> str:
         version = platform.python_version() if name == "python" else importlib.import_module(name).__version__
         parts.append(f"{name} {version}")
     return ", ".join(parts)
+
+
+def require_model(path: Path) -> None:
+    """Exit with a one-line hint when the benchmark's model directory is missing."""
+    if not (Path(path) / "config.json").is_file():
+        raise SystemExit(f"{path}: no model directory here; build it with `bash ../shared/real-models/smollm2.sh "
+                         f"{path}` (what `make bench` does), or pass --model DIR")

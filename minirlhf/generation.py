@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from minirlhf.inference_weights import can_fuse, inference_weights
+from minirlhf.inference_weights import inference_weights, worth_fusing
 from minirlhf.model import Transformer, positions_from_mask
 
 
@@ -127,8 +127,9 @@ def generate(
     the model config's eos; a list means any of them).
 
     fused_weights: decode with fused, LoRA-folded and (on CPU) prepacked copies of the weights
-    (minirlhf/inference_weights.py: faster, one more copy of the weights while this runs); None = when
-    possible (not while FSDP holds the weights sharded). compile: run each step through `compiled_step`.
+    (minirlhf/inference_weights.py: faster, one more copy of the weights while this runs); None = where
+    that pays (`worth_fusing`; never while FSDP holds the weights sharded). compile: run each step
+    through `compiled_step`.
     """
     B, P = input_ids.shape
     device = input_ids.device
@@ -142,7 +143,7 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     pad = pad if pad is not None else (int(stop_ids[0]) if len(stop_ids) else 0)
     if fused_weights is None:
-        fused_weights = can_fuse(model)
+        fused_weights = worth_fusing(model, B)
 
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
@@ -154,7 +155,7 @@ def generate(
     model.eval()
     model.setup_kv_cache(B, S)
     try:
-        with inference_weights(model, B) if fused_weights else nullcontext() as frozen_head:
+        with inference_weights(model, B, prepack=not compile) if fused_weights else nullcontext() as frozen_head:
             head = frozen_head or model.lm_head
             step = compiled_step(model) if compile else model.decode_step
             hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask),

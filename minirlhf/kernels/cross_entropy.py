@@ -306,7 +306,8 @@ class FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprob):
         hidden, weight, labels, lse = ctx.saved_tensors
         valid = labels != ctx.ignore_index
-        row_scale = torch.where(valid, -grad_logprob.to(lse.dtype), torch.zeros_like(lse))  # d logp / dz = -(p - onehot)
+        # d logp / dz = -(p - onehot)
+        row_scale = torch.where(valid, -grad_logprob.to(lse.dtype), torch.zeros_like(lse))
         grad_hidden = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None  # contiguous
         grad_weight = _grad_weight_buffer(weight) if ctx.needs_input_grad[1] else None
         if grad_hidden is not None or grad_weight is not None:
