@@ -35,22 +35,72 @@ class GenerationOutput:
     mask: torch.Tensor
 
 
+NUCLEUS_CANDIDATES = 1024  # top-p looks at the best this many tokens first (see filter_logits)
+
+
+def _nucleus(sorted_logits: torch.Tensor, log_total: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which of the best-first logits [B, m] stay in the top-p nucleus (Holtzman et al. 2020, section 3.1):
+    those whose better-ranked tokens hold less than top_p of the probability (log_total [B, 1]: the
+    log-sum-exp over all candidates). The most likely token always stays. Returns [B, m] bool."""
+    probs = (sorted_logits - log_total).exp()
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+    return mass_before < top_p
+
+
+def _top_candidates(logits: torch.Tensor, top_k: int | None, top_p: float | None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tokens that survive top-k and the top-p nucleus, best first: (logits [B, m] with -inf for
+    the dropped ones, their token ids [B, m]); None when nothing is filtered.
+
+    The most likely token always survives; a token tied with the k-th is kept. Sorting all V logits
+    each step was what sampling cost most (80 ms a step for 32 rows of a 49k vocabulary on one CPU
+    core), so the nucleus is looked for among the top-k, or without top-k among the best
+    NUCLEUS_CANDIDATES tokens when they hold top_p of the probability in every row (exact: every token
+    outside them ranks after them); only otherwise are all V sorted.
+    """
+    V = logits.shape[-1]
+    k = top_k if top_k is not None and 0 < top_k < V else None
+    nucleus = top_p is not None and top_p < 1.0
+    if k is None and not nucleus:
+        return None
+    best, order = torch.topk(logits, k if k is not None else min(V, NUCLEUS_CANDIDATES), dim=-1)  # (B, m)
+    if k is not None:
+        if bool(((logits >= best[:, -1:]).sum(-1) != k).any()):  # ties with the k-th: keep them all
+            best, order = torch.sort(logits, dim=-1, descending=True)
+            best = best.masked_fill(best < best[:, k - 1: k], float("-inf"))
+        if not nucleus:
+            return best, order
+        keep = _nucleus(best, best.logsumexp(-1, keepdim=True), top_p)
+    else:
+        keep = _nucleus(best, logits.logsumexp(-1, keepdim=True), top_p)
+        if best.shape[-1] < V and bool((keep.sum(-1) == best.shape[-1]).any()):  # the nucleus may go on
+            best, order = torch.sort(logits, dim=-1, descending=True)
+            keep = _nucleus(best, logits.logsumexp(-1, keepdim=True), top_p)
+    return best.masked_fill(~keep, float("-inf")), order
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set to -inf the logits outside the top-k and outside the top-p nucleus (Holtzman et al. 2020).
 
-    logits: [B, V] -> [B, V]. The most likely token always survives.
+    logits: [B, V] -> [B, V]. The most likely token always survives; a token tied with the k-th is kept.
     """
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
-        remove_sorted = mass_before >= top_p
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
+    found = _top_candidates(logits, top_k, top_p)
+    if found is None:
+        return logits
+    best, order = found
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, best > float("-inf"))
+    return logits.masked_fill(~kept, float("-inf"))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of probs [B, m] (rows summing to 1), by inverting the cumulative distribution
+    at a uniform draw: index i when cdf[i-1] <= u < cdf[i], so zero-probability entries are never drawn.
+    torch.multinomial draws one exponential variable per entry instead (25 ms for 32 x 49k on a CPU
+    core); this draws one number per row. The cumulative sum is float64 so that the last of 49k
+    entries still gets its probability. Returns [B] long."""
+    cdf = probs.double().cumsum(-1)  # (B, m)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
 
 
 def sample_next(
@@ -69,8 +119,12 @@ def sample_next(
         tokens = logits.argmax(-1)
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
     scaled = logits / temperature
-    probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    candidates = _top_candidates(scaled, top_k, top_p)
+    if candidates is None:
+        tokens = draw(scaled.softmax(-1), generator)
+    else:  # draw among the survivors only
+        best, order = candidates
+        tokens = order.gather(-1, draw(best.softmax(-1), generator)[:, None])[:, 0]
     return tokens, F.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0]
 
 
