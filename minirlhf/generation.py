@@ -65,9 +65,11 @@ def _top_candidates(logits: torch.Tensor, top_k: int | None, top_p: float | None
         return None
     best, order = torch.topk(logits, k if k is not None else min(V, NUCLEUS_CANDIDATES), dim=-1)  # (B, m)
     if k is not None:
-        if bool(((logits >= best[:, -1:]).sum(-1) != k).any()):  # ties with the k-th: keep them all
-            best, order = torch.sort(logits, dim=-1, descending=True)
-            best = best.masked_fill(best < best[:, k - 1: k], float("-inf"))
+        kth = best[:, -1:]
+        kept = int((logits >= kth).sum(-1).max())
+        if kept > k:  # ties with the k-th value (common in bf16) are kept too: widen to all of them
+            best, order = torch.topk(logits, kept, dim=-1)
+            best = best.masked_fill(best < kth, float("-inf"))
         if not nucleus:
             return best, order
         keep = _nucleus(best, best.logsumexp(-1, keepdim=True), top_p)

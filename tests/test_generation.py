@@ -38,7 +38,20 @@ def test_filter_keeps_ties_with_the_kth():
     logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
     got = filter_logits(logits, 2, None)
     assert torch.equal(got.isfinite(), torch.tensor([[True, False, True, True, False], [True] * 5]))
-    assert torch.equal(filter_logits(logits, 2, 0.5).isinf(), reference_filter(logits, 2, 0.5).isinf())
+    # top-p after it: row 0 keeps only the 3 (p = 0.58 >= 0.5); in row 1 five equal tokens (p = 0.2 each)
+    # leave three in the nucleus, which three depending on how the sort orders equal values
+    nucleus = filter_logits(logits, 2, 0.5).isfinite()
+    assert torch.equal(nucleus[0], torch.tensor([True, False, False, False, False])) and nucleus[1].sum() == 3
+
+
+def test_filter_with_many_ties_matches_full_sort():
+    """bf16 logits tie often, at the k-th value too: every token tied with it survives."""
+    g = torch.Generator().manual_seed(4)
+    logits = (3 * torch.randn(8, 2000, generator=g)).to(torch.bfloat16).float()
+    for k in (5, 50, 300):
+        assert torch.equal(filter_logits(logits, k, None).isinf(), reference_filter(logits, k, None).isinf())
+        got = sample_next(logits, 1.0, k, None, torch.Generator().manual_seed(5))[0]
+        assert reference_filter(logits, k, None).isfinite().gather(-1, got[:, None]).all()
 
 
 def test_draw_follows_the_probabilities():
