@@ -41,7 +41,6 @@ from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_mo
 
 sys.path.insert(0, str(ROOT))
 from minirlhf.kernels.cross_entropy import linear_cross_entropy_chunked  # noqa: E402
-from minirlhf.model import ModelConfig, Transformer  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "step_worker.py"
 VERSIONS = ("torch", "transformers", "peft", "trl", "python")  # the RESULTS.md versions column
@@ -50,9 +49,6 @@ BASELINE = {"sft": "transformers", "lora": "transformers + peft", "dpo": "TRL DP
 DEFAULT_SIDES = ["ours:bf16+ckpt", "ours:bf16", "hf:fp32", "hf:bf16"]
 # batch per task at the default seq 512: dpo's batch is pairs (2B sequences through policy and reference)
 BATCH = {"sft": 4, "lora": 4, "dpo": 2, "ppo": 4}
-# TinyLlama-1.1B's shape, for the CUDA MFU run
-LLAMA_1B = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-            "num_attention_heads": 32, "num_key_value_heads": 4}
 # dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendor data sheets (SXM parts);
 # matched as substrings of torch.cuda.get_device_name(), first match wins
 PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
@@ -145,48 +141,29 @@ def chunks_section(args) -> list[list[str]]:
 
 
 def mfu_section(args) -> list[list[str]]:
-    """A ~1B llama on one GPU: ours, bf16 autocast, fp32 weights and AdamW (fused), as the trainer
-    runs it with precision = "auto" on CUDA; MFU = tokens/s * flops_per_token / peak bf16 FLOP/s."""
+    """A ~1B llama (TinyLlama's shape) on one GPU: ours, bf16 autocast, fp32 weights and fused AdamW, as
+    the trainer runs it with precision = "auto" on CUDA; MFU = tokens/s * flops_per_token / peak bf16
+    FLOP/s. The model and the timed loop are fsdp_throughput.py's."""
     if not torch.cuda.is_available():
         print("\n~1B llama MFU run skipped: no CUDA device (it needs a GPU with bf16; run this script on one)")
         return []
-    from minirlhf.logprobs import causal_lm_loss
+    from fsdp_throughput import CONFIG, build, time_steps
 
-    device = torch.device("cuda")
     seq, batch = args.large_seq, args.large_batch
-    torch.manual_seed(0)
-    config = ModelConfig(model_type="llama", max_position_embeddings=seq, **LLAMA_1B)
-    with torch.device(device):
-        model = Transformer(config)
-    model.activation_checkpointing = args.activation_checkpointing
-    ids = torch.randint(3, config.vocab_size, (batch, seq), device=device)
-    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    model = build(args.activation_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    torch.cuda.reset_peak_memory_stats()
-    walls = []
-    for i in range(args.steps + 2):
-        torch.cuda.synchronize()
-        w0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = causal_lm_loss(model, data)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= 2:
-            walls.append(time.perf_counter() - w0)
-    t = statistics.median(walls)
+    t, peak_gb = time_steps(model, opt, batch, seq, args.steps, autocast=True)
     tok_s = batch * seq / t
     flops = model.flops_per_token(seq)
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name()
     peak = next(((f, k) for k, f in PEAK_BF16 if k in name), None)
     mfu = f"{tok_s * flops / peak[0]:.1%}" if peak else "- (device not in PEAK_BF16)"
-    mem = f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    mem = f"peak {peak_gb:.1f} GB"
     print(f"\nsft step, llama {model.num_parameters() / 1e9:.2f}B bf16 autocast, B={batch} T={seq} on {name}: "
           f"{t * 1e3:.0f} ms/step, {tok_s:.0f} tokens/s, MFU {mfu}, {mem}")
     what = "sft train step (fwd+bwd+AdamW), ours, bf16 autocast" + (f"; MFU {mfu} of {peak[0] / 1e12:.0f} TFLOP/s "
                                                                     f"({peak[1]} bf16 dense)" if peak else "")
-    return [[today(), what, f"llama {model.num_parameters() / 1e9:.2f}B, B={batch}, T={seq}, V={config.vocab_size}",
+    return [[today(), what, f"llama {model.num_parameters() / 1e9:.2f}B, B={batch}, T={seq}, V={CONFIG['vocab_size']}",
              f"wall {t * 1e3:.0f} ms", f"{tok_s:.0f} tok/s", "-", mem, name, versions(*VERSIONS)]]
 
 
