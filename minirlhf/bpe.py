@@ -21,12 +21,30 @@ from itertools import pairwise
 
 import regex
 
+from minirlhf.errors import UserError
+
 # GPT-2's pre-tokenizer (also the default of the `ByteLevel` pre-tokenizer with use_regex=true).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # A piece of a chunk: its text (it may carry a leading space the chunk lacks: ByteLevel's
 # add_prefix_space) and the [start, end) character range of the chunk it came from.
 Piece = tuple[str, int, int]
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file that is missing, unreadable, malformed or of a kind minirlhf does not read; the
+    message names the file. Defined here, the lowest tokenizer module, and re-exported by minirlhf.tokenizer."""
+
+
+def read_text(path: str) -> str:
+    """A tokenizer file's UTF-8 text; TokenizerError naming it when it is missing, unreadable or not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -63,8 +81,8 @@ def _normalizer_from_json(spec: dict | None, where: str) -> Callable[[str], str]
                 s = step(s)
             return s
         return run
-    raise ValueError(f"{where}: normalizer type {kind!r} is not supported by minirlhf's byte-level BPE "
-                     f"(supported: NFC, NFD, NFKC, NFKD, Lowercase, Sequence)")
+    raise TokenizerError(f"{where}: normalizer type {kind!r} is not supported by minirlhf's byte-level BPE "
+                         f"(supported: NFC, NFD, NFKC, NFKD, Lowercase, Sequence)")
 
 
 def _split_pieces(pieces: list[Piece], pattern: regex.Pattern, keep_matches: bool = True) -> list[Piece]:
@@ -113,12 +131,23 @@ class ByteLevelBPE:
     @classmethod
     def from_tokenizer_json(cls, data: dict, where: str) -> ByteLevelBPE:
         """Build from a parsed `tokenizer.json` (Hugging Face `tokenizers` format) holding a BPE model
-        with a ByteLevel pre-tokenizer/decoder, optionally after Split steps (Llama 3, Qwen2)."""
+        with a ByteLevel pre-tokenizer/decoder, optionally after Split steps (Llama 3, Qwen2).
+        A file of another shape raises TokenizerError naming `where`."""
+        try:
+            return cls._from_tokenizer_json(data, where)
+        except (KeyError, TypeError, AttributeError, IndexError, regex.error) as e:
+            raise TokenizerError(f"{where}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_tokenizer_json(cls, data: dict, where: str) -> ByteLevelBPE:
         model = data.get("model") or {}
         if model.get("type", "BPE") != "BPE":
-            raise ValueError(f"{where}: model.type is {model.get('type')!r}; only byte-level 'BPE' is supported")
+            raise TokenizerError(f"{where}: model.type is {model.get('type')!r}; only byte-level 'BPE' is supported")
         if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-            raise ValueError(f"{where}: continuing_subword_prefix/end_of_word_suffix are not byte-level BPE")
+            raise TokenizerError(f"{where}: continuing_subword_prefix/end_of_word_suffix are not byte-level BPE")
+        vocab = model.get("vocab")
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise TokenizerError(f"{where}: model.vocab must map each token to an integer id")
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         steps: list[tuple] = []
         saw_byte_level = False
@@ -136,8 +165,8 @@ class ByteLevelBPE:
                 src = pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])
                 behavior = spec.get("behavior", "Isolated")
                 if spec.get("invert") or behavior not in ("Isolated", "Removed"):
-                    raise ValueError(f"{where}: Split pre-tokenizer with behavior={behavior!r}, "
-                                     f"invert={spec.get('invert')} is not supported (Isolated/Removed only)")
+                    raise TokenizerError(f"{where}: Split pre-tokenizer with behavior={behavior!r}, "
+                                         f"invert={spec.get('invert')} is not supported (Isolated/Removed only)")
                 steps.append(("split", regex.compile(src), behavior == "Isolated"))
             elif kind == "Digits":
                 steps.append(("split", regex.compile(r"\p{N}" if spec.get("individual_digits") else r"\p{N}+"), True))
@@ -148,29 +177,32 @@ class ByteLevelBPE:
                 if spec.get("use_regex", True):
                     steps.append(("split", regex.compile(GPT2_PATTERN), True))
             else:
-                raise ValueError(f"{where}: pre-tokenizer type {kind!r} is not supported by byte-level BPE")
+                raise TokenizerError(f"{where}: pre-tokenizer type {kind!r} is not supported by byte-level BPE")
         add_pre(data.get("pre_tokenizer"))
         if not saw_byte_level:
-            raise ValueError(f"{where}: no ByteLevel pre-tokenizer; minirlhf reads byte-level BPE tokenizer.json "
-                             f"files only (SentencePiece models should come as tokenizer.model)")
-        return cls(model["vocab"], merges, steps, _normalizer_from_json(data.get("normalizer"), where),
+            raise TokenizerError(f"{where}: no ByteLevel pre-tokenizer; minirlhf reads byte-level BPE "
+                                 f"tokenizer.json files only (SentencePiece models should come as tokenizer.model)")
+        return cls(vocab, merges, steps, _normalizer_from_json(data.get("normalizer"), where),
                    ignore_merges=bool(model.get("ignore_merges", False)), unk_token=model.get("unk_token"))
 
     @classmethod
     def from_vocab_merges(cls, vocab_path: str, merges_path: str) -> ByteLevelBPE:
         """Build from GPT-2's vocab.json + merges.txt (first line may be a '#version' header)."""
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
+        try:
+            vocab = json.loads(read_text(vocab_path))
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"{vocab_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        lines = read_text(merges_path).split("\n")
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise TokenizerError(f"{vocab_path}: must map each token to an integer id")
         merges = []
-        with open(merges_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not line or (lineno == 1 and line.startswith("#version")):
-                    continue
-                parts = line.split(" ")
-                if len(parts) != 2:
-                    raise ValueError(f"{merges_path}:{lineno}: expected 'left right', got {line!r}")
-                merges.append((parts[0], parts[1]))
+        for lineno, line in enumerate(lines, 1):
+            if not line or (lineno == 1 and line.startswith("#version")):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise TokenizerError(f"{merges_path}:{lineno}: expected 'left right', got {line!r}")
+            merges.append((parts[0], parts[1]))
         return cls(vocab, merges, [("split", regex.compile(GPT2_PATTERN), True)])
 
     # ---- encoding ------------------------------------------------------------------------------
@@ -223,8 +255,8 @@ class ByteLevelBPE:
             return i
         if self.unk_id is not None:
             return self.unk_id
-        raise ValueError(f"byte-level BPE: symbol {symbol!r} (in word {word!r}) is not in the vocabulary and "
-                         f"the model has no unk_token; the vocabulary lacks part of the 256-byte alphabet")
+        raise TokenizerError(f"byte-level BPE: symbol {symbol!r} (in word {word!r}) is not in the vocabulary "
+                             f"and the model has no unk_token; the vocabulary lacks part of the 256-byte alphabet")
 
     def encode(self, text: str) -> list[int]:
         """Ids of ordinary text (no special tokens inside)."""

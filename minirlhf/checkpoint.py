@@ -10,16 +10,18 @@ Name maps: the llama family's HF names are ours with a "model." prefix; GPT-2's 
 from __future__ import annotations
 
 import json
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minirlhf.errors import UserError
-from minirlhf.model import FAMILIES, ModelConfig, Transformer
+from minirlhf.model import FAMILIES, ModelConfig, Transformer, rope_inv_freq
 
 
 class CheckpointError(UserError):
@@ -43,18 +45,50 @@ _DERIVED_KEYS = {
 # config.json <-> ModelConfig
 
 
+# the sizes a config.json gives as positive integers: our name -> the HF keys that may hold it
+_SIZES = {
+    "vocab_size": ("vocab_size",), "hidden_size": ("hidden_size", "n_embd"),
+    "intermediate_size": ("intermediate_size", "n_inner"), "num_hidden_layers": ("num_hidden_layers", "n_layer"),
+    "num_attention_heads": ("num_attention_heads", "n_head"), "num_key_value_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",), "max_position_embeddings": ("max_position_embeddings", "n_positions"),
+}
+
+
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """Read an HF config dict of either generation (rope under `rope_parameters` or at the top)."""
+    """Read an HF config dict of either generation (rope under `rope_parameters` or at the top).
+    A missing or ill-typed key, or sizes that do not fit together, raise CheckpointError naming `source`."""
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
         raise CheckpointError(
             f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}"
         )
-    def pick(*names, default=None):
+    try:
+        fields = _model_config_fields(hf, model_type)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing key {e.args[0]!r} (needed by a {model_type} model)") from None
+    except (ValueError, TypeError) as e:  # e.g. a rope_theta that is not a number
+        raise CheckpointError(f"{source}: {e}") from None
+    for name, keys in _SIZES.items():
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            key = next((k for k in keys if k in hf), keys[0])
+            raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}")
+    try:
+        config = ModelConfig(**fields)
+        if not config.is_gpt2:
+            rope_inv_freq(config, torch.ones(1, dtype=torch.long))  # an unknown or incomplete rope_scaling
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return config
+
+
+def _model_config_fields(hf: dict, model_type: str) -> dict:
+    """ModelConfig's fields from an HF config; KeyError names a required key that is missing."""
+    def pick(*names):
         for n in names:
-            if n in hf and hf[n] is not None:
+            if hf.get(n) is not None:
                 return hf[n]
-        return default
+        raise KeyError(names[0])
 
     common = dict(
         model_type=model_type,
@@ -67,9 +101,9 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     )
     if model_type == "gpt2":
         d = pick("n_embd", "hidden_size")
-        return ModelConfig(
+        return dict(
             hidden_size=d,
-            intermediate_size=pick("n_inner", default=4 * d),
+            intermediate_size=hf.get("n_inner") or (4 * d if isinstance(d, int) else d),
             num_hidden_layers=pick("n_layer", "num_hidden_layers"),
             num_attention_heads=pick("n_head", "num_attention_heads"),
             max_position_embeddings=pick("n_positions", "max_position_embeddings"),
@@ -80,7 +114,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     rope_theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
     rope_scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     attention_bias = bool(hf.get("attention_bias", False))
-    return ModelConfig(
+    return dict(
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
         num_hidden_layers=hf["num_hidden_layers"],
@@ -224,10 +258,28 @@ def ours_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
 # load
 
 
+def read_json_object(file: Path) -> dict:
+    """A JSON object file of a model directory (config.json, an index); CheckpointError naming the file
+    when it cannot be read, is not UTF-8 or not JSON, or holds something other than an object."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: no 'weight_map' object from tensor names to shard files")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
@@ -235,20 +287,33 @@ def _weight_files(path: Path) -> list[Path]:
         return [path / f for f in files]
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
-    if (path / "pytorch_model.bin").exists():
-        return [path / "pytorch_model.bin"]
+    pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if pickled:
+        raise CheckpointError(
+            f"{path / pickled[0]}: pickled weights are never loaded (unpickling can run code); convert the "
+            f"directory to safetensors first, e.g. transformers' AutoModel.from_pretrained(dir)"
+            f".save_pretrained(out_dir) on a machine where you trust the file"
+        )
     raise CheckpointError(
-        f"{path}: no weights found (expected model.safetensors, model.safetensors.index.json "
-        "with its shards, or pytorch_model.bin)"
+        f"{path}: no weights found (expected model.safetensors, or model.safetensors.index.json with its shards)"
     )
 
 
-def _read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """One tensor at a time, memory-mapped where the format allows it."""
-    if file.suffix == ".bin":
-        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
-        return
-    with safe_open(file, framework="pt") as f:
+@contextmanager
+def _safetensors(file: Path) -> Iterator:
+    """safe_open, with a file that is not readable safetensors (truncated, corrupt, a folder, no
+    permission) turned into a CheckpointError naming it, whether it fails on opening or on a read."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"{file}: not a readable safetensors file ({reason})") from None
+
+
+def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """One tensor at a time, memory-mapped."""
+    with _safetensors(file) as f:
         for name in f.keys():
             yield name, f.get_tensor(name)
 
@@ -260,10 +325,7 @@ def read_config(path: str | Path) -> ModelConfig:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path} is not a model directory: it has no config.json")
-    try:
-        return config_from_hf(json.loads(cfg_file.read_text()), source=str(cfg_file))
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: cannot read it ({type(e).__name__}: {e})") from None
+    return config_from_hf(read_json_object(cfg_file), source=str(cfg_file))
 
 
 def read_weights(path: Path, model: torch.nn.Module, config: ModelConfig, dtype: torch.dtype | None = None,
@@ -276,7 +338,7 @@ def read_weights(path: Path, model: torch.nn.Module, config: ModelConfig, dtype:
     state: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
-        for hf_name, tensor in _read_tensors(file):
+        for hf_name, tensor in read_tensors(file):
             if hf_name in allowed_extra:
                 extra[hf_name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
                 continue
@@ -284,12 +346,15 @@ def read_weights(path: Path, model: torch.nn.Module, config: ModelConfig, dtype:
                 if name == "lm_head.weight" and name not in expected:
                     continue  # a causal LM's head, unused by a backbone without one (reward model)
                 if name not in expected:
-                    raise CheckpointError(f"{file.name}: unexpected tensor {hf_name!r} for a {config.model_type} model")
+                    raise CheckpointError(f"{file}: unexpected tensor {hf_name!r} for a {config.model_type} model")
                 if tuple(t.shape) != tuple(expected[name]):
                     raise CheckpointError(
-                        f"{file.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
+                        f"{file}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
                         f"the config implies {tuple(expected[name])}"
                     )
+                if not t.is_floating_point():
+                    raise CheckpointError(f"{file}: tensor {hf_name!r} holds {t.dtype} values; model weights "
+                                          f"are floating point (quantized checkpoints are not read)")
                 state[name] = t.to(device=device, dtype=dtype or t.dtype)
     if config.tie_word_embeddings and "embed_tokens.weight" in state and "lm_head.weight" in expected:
         state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -319,10 +384,11 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch
 def checkpoint_dtype(path: str | Path) -> torch.dtype:
     """The dtype of a directory's first stored tensor, from the safetensors header (no tensor is read)."""
     file = _weight_files(Path(path))[0]
-    if file.suffix == ".bin":  # memory-mapped: only the pickled metadata is read
-        return next(iter(torch.load(file, map_location="cpu", weights_only=True, mmap=True).values())).dtype
-    with safe_open(file, framework="pt") as f:
-        code = f.get_slice(next(iter(f.keys()))).get_dtype()  # "F32", "BF16", ...
+    with _safetensors(file) as f:
+        names = list(f.keys())
+        if not names:
+            raise CheckpointError(f"{file}: holds no tensors")
+        code = f.get_slice(names[0]).get_dtype()  # "F32", "BF16", ...
     if code not in _SAFETENSORS_DTYPES:
         raise CheckpointError(f"{file}: unsupported tensor dtype {code!r} for a model weight")
     return _SAFETENSORS_DTYPES[code]
@@ -349,6 +415,16 @@ def parse_size(size: int | str) -> int:
     if m is None:
         raise ValueError(f"cannot read shard size {size!r} (examples: '5GB', '200MB', 1000000)")
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+                     ) -> None:
+    """safetensors' save_file, with the file's permissions set by the umask as open() would (save_file
+    writes through a private temporary file, 0600 whatever the umask)."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB") -> None:
@@ -385,12 +461,12 @@ def write_model_dir(path: str | Path, hf_config: dict, tensors: dict[str, torch.
         old.unlink()
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], path / "model.safetensors", metadata=metadata)
+        save_safetensors(shards[0], path / "model.safetensors", metadata=metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, path / file, metadata=metadata)
+        save_safetensors(shard, path / file, metadata=metadata)
         weight_map.update({name: file for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -12,7 +12,8 @@ A config file has one table per concern and one per stage:
 Every field has a default and a one-line `help` in its metadata; `default_toml()` renders them all as a
 commented TOML file and `iter_fields()` yields rows for documentation tables. Loading is strict: an
 unknown section or key, a value of the wrong TOML type, or a value out of range is a `ConfigError` that
-names the file (or the `--set` argument), the section and the key, and suggests the nearest valid key.
+names the file (or the `--set` argument), the section and the key, and suggests the nearest valid key
+(or ours for another trainer's name, such as transformers' `gradient_accumulation_steps`).
 Relative paths in a file resolve against that file's folder; relative paths in `--set`, and relative
 defaults such as `runs/out`, against the current directory, so a loaded Config holds absolute paths.
 """
@@ -99,6 +100,90 @@ def _suggest(name: str, valid: typing.Iterable[str]) -> str:
         return f" (did you mean '{max(extends, key=len)}'?)"
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# Keys of other trainers (transformers' TrainingArguments, TRL's configs, PEFT) -> where ours live:
+# (section, key, the value's form when it differs, a remark; no key: the remark alone). An unknown key
+# found here points to ours, whichever section it was given in.
+ECOSYSTEM_KEYS: dict[str, tuple[str, str, str, str]] = {
+    "learning_rate": ("train", "lr", "", ""),
+    "lr_scheduler_type": ("train", "schedule", "", ""),
+    "lr_schedule": ("train", "schedule", "", ""),
+    "scheduler": ("train", "schedule", "", ""),
+    "num_train_epochs": ("train", "epochs", "", ""),
+    "warmup_ratio": ("train", "warmup_steps", "", ""),
+    "per_device_train_batch_size": ("train", "micro_batch_size", "", ""),
+    "per_device_eval_batch_size": ("train", "micro_batch_size", "", ""),
+    "batch_size": ("train", "micro_batch_size", "", ""),
+    "gradient_accumulation_steps": ("train", "grad_accum", "", ""),
+    "adam_beta1": ("train", "betas", "[beta1, beta2]", ""),
+    "adam_beta2": ("train", "betas", "[beta1, beta2]", ""),
+    "adam_epsilon": ("train", "adam_eps", "", ""),
+    "optim": ("train", "", "", "the optimizer is always AdamW, set by [train] betas, adam_eps and weight_decay"),
+    "bf16": ("train", "precision", '"bf16"', ""),
+    "fp16": ("train", "precision", '"bf16"', "there is no fp16 autocast"),
+    "gradient_checkpointing": ("train", "activation_checkpointing", "", ""),
+    "logging_steps": ("train", "log_every", "", ""),
+    "save_steps": ("train", "save_every", "", ""),
+    "eval_steps": ("train", "eval_every", "", ""),
+    "save_total_limit": ("train", "keep_last", "", ""),
+    "resume_from_checkpoint": ("train", "resume", "", ""),
+    "overwrite_output_dir": ("train", "overwrite", "", ""),
+    "torch_compile": ("train", "compile", "", ""),
+    "max_length": ("data", "cutoff_len", "", ""),
+    "max_seq_length": ("data", "cutoff_len", "", ""),
+    "max_prompt_length": ("data", "cutoff_len", "", "one limit for prompt and answer, the prompt is cut first"),
+    "dataset_text_field": ("data", "text_field", "", ""),
+    "dataset_num_proc": ("data", "num_workers", "", ""),
+    "dataloader_num_workers": ("data", "num_workers", "", ""),
+    "model_name_or_path": ("model", "path", "", ""),
+    "torch_dtype": ("model", "dtype", "", ""),
+    "use_peft": ("lora", "enabled", "", ""),
+    "lora_r": ("lora", "r", "", ""),
+    "lora_alpha": ("lora", "alpha", "", ""),
+    "lora_dropout": ("lora", "dropout", "", ""),
+    "lora_target_modules": ("lora", "target_modules", "", ""),
+    "neftune_noise_alpha": ("sft", "neftune_alpha", "", ""),
+    "precompute_ref_log_probs": ("dpo", "reference", '"precompute"', ""),
+}
+
+
+def _key_hint(name: str, section: str | None, valid: typing.Iterable[str]) -> str:
+    """' (did you mean ...?)' for an unknown key `name` in [section] (None: outside any section).
+
+    In order: another trainer's name for one of our keys (ECOSYSTEM_KEYS: `lr_schedule` -> `schedule`,
+    `adam_beta2` -> `betas`, where spelling alone would suggest `lr` and `adam_eps`), the same key in
+    another section, then the nearest key of this section (`_suggest`). A key of another section is
+    named with its section: (did you mean [data] cutoff_len?).
+    """
+    if name in ECOSYSTEM_KEYS:
+        where, key, value, remark = ECOSYSTEM_KEYS[name]
+        if not key:
+            return f" ({remark})"
+        shown = (f"'{key}'" if not value else key) if where == section else f"[{where}] {key}"
+        if value:
+            shown += f" = {value}"
+        return f" ({remark}; did you mean {shown}?)" if remark else f" (did you mean {shown}?)"
+    owners = [s for s, keys in _section_keys() if s != section and name in keys]
+    if owners:
+        return " (did you mean " + " or ".join(f"[{s}] {name}" for s in owners) + "?)"
+    return _suggest(name, valid) if section is not None else ""
+
+
+def _section_keys() -> list[tuple[str, list[str]]]:
+    """(section name, its keys) for every section and sub-table, [model.init] included."""
+    out = []
+
+    def walk(cls: type, name: str) -> None:
+        types_ = _field_types(cls)
+        out.append((name, [k for k, t in types_.items() if not dataclasses.is_dataclass(t)]))
+        for k, t in types_.items():
+            if dataclasses.is_dataclass(t):
+                walk(t, f"{name}.{k}")
+
+    for name, cls in SECTION_TYPES.items():
+        walk(cls, name)
+    return out
 
 
 # ----------------------------------------------------------------------------- sections
@@ -220,6 +305,9 @@ class TrainSection:
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
     precision: str = _f("auto", "auto (bf16 autocast where supported, else fp32) | fp32 | bf16")
     activation_checkpointing: bool = _f(False, "recompute each block's activations in backward")
+    disable_dropout: bool = _f(True, "ppo, dpo, kto: set every dropout ([lora] dropout included) of the policy, "
+                                     "critic and reference to 0, as TRL does (their ratios and log-ratios compare "
+                                     "the model with itself or a reference); pt, sft, rm keep dropout")
     fsdp_cpu_offload: bool = _f(False, "under torchrun: keep FSDP's sharded weights, gradients and optimizer "
                                        "states in host memory (slower, for models that do not fit)")
     fsdp_reshard_after_forward: bool = _f(True, "under torchrun: free each block's gathered weights after its "
@@ -232,9 +320,15 @@ class TrainSection:
     log_every: int = _f(10, "optimizer steps between metric lines")
     resume: str = _f("", "'' = start fresh, 'auto' = latest checkpoint in output_dir, or a checkpoint path",
                      path=True)
+    overwrite: bool = _f(False, "start afresh in an output_dir holding an earlier run, deleting that run's files "
+                                "(never files minirlhf did not write)")
+    threads: int = _f(0, "CPU threads of torch's kernels (torch.set_num_threads); 0 = torch's default, which "
+                         "follows OMP_NUM_THREADS")
 
     def validate(self) -> None:
         s = self.section
+        for key in ("lr", "min_lr_ratio", "weight_decay", "adam_eps", "max_grad_norm"):
+            _check(math.isfinite(getattr(self, key)), s, key, "a finite number", getattr(self, key))
         _check(self.lr > 0, s, "lr", "> 0", self.lr)
         _check(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
         _check(self.weight_decay >= 0, s, "weight_decay", ">= 0", self.weight_decay)
@@ -253,6 +347,10 @@ class TrainSection:
             _check(getattr(self, key) >= 0, s, key, ">= 0", getattr(self, key))
         _check(self.keep_last >= 1, s, "keep_last", ">= 1", self.keep_last)
         _check(self.log_every >= 1, s, "log_every", ">= 1", self.log_every)
+        _check(self.threads >= 0, s, "threads", ">= 0", self.threads)
+        if self.overwrite and self.resume:
+            raise ConfigError(f"[{s}] overwrite must be false when resuming (it starts afresh), got true with "
+                              f"resume = {_toml_value(self.resume)}", s, "overwrite")
         _check(bool(self.output_dir), s, "output_dir", "a directory path", self.output_dir)
 
 
@@ -378,8 +476,11 @@ class PPOSection:
     target_kl: float = _f(6.0, "adaptive KL target (nats per sequence)")
     kl_horizon: int = _f(10000, "adaptive KL horizon K_beta (in sequences)")
     kl_estimator: str = _f("k1", "per-token KL estimate: k1 = log p - log q | k3 = (r - 1) - log r (Schulman 2020)")
-    whiten_advantages: bool = _f(True, "normalise advantages to zero mean, unit variance per rollout")
-    reward_norm: bool = _f(False, "normalise scores with running mean/std before the KL penalty")
+    whiten_advantages: bool = _f(True, "estimator gae: normalise advantages to zero mean, unit variance over the "
+                                       "rollout's answer tokens (grpo and rloo are never re-whitened)")
+    reward_norm: str | bool = _f("none", "normalise scores before the KL penalty: none | running (mean/std of "
+                                         "every score so far) | rm (the reward model's training-set mean/std "
+                                         "saved by the rm stage); older configs' true / false mean running / none")
     reward_clip: float = _f(0.0, "clip scores to [-reward_clip, reward_clip]; 0 = off")
     ptx_coef: float = _f(0.0, "weight of the pretraining loss mixed into the policy loss (InstructGPT eq. 2)")
     ptx_files: list[str] = _f([], "pretraining text for ptx_coef > 0 (same formats as pt)", path=True)
@@ -410,6 +511,9 @@ class PPOSection:
         _check(0.0 <= self.lam <= 1.0, s, "lam", "in [0, 1]", self.lam)
         _check(self.target_kl > 0, s, "target_kl", "> 0", self.target_kl)
         _check_choice(s, "kl_estimator", self.kl_estimator, ("k1", "k3"))
+        if isinstance(self.reward_norm, bool):  # configs written before "rm" existed: true = running
+            self.reward_norm = "running" if self.reward_norm else "none"
+        _check_choice(s, "reward_norm", self.reward_norm, ("none", "running", "rm"))
         _check(self.temperature > 0, s, "temperature", "> 0 (rollout log-probs need a proper distribution)",
                self.temperature)
         _check(self.top_k >= 0, s, "top_k", ">= 0", self.top_k)
@@ -588,9 +692,8 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
         for name, table in raw.items():
             if name not in SECTION_TYPES:
                 if not isinstance(table, dict):
-                    owners = [s for s, c in SECTION_TYPES.items() if name in _field_types(c)]
-                    where = f" (did you mean [{owners[0]}] {name}?)" if owners else ""
-                    raise ConfigError(f"{source}: key '{name}' must be inside a section{where}")
+                    raise ConfigError(f"{source}: key '{name}' must be inside a section"
+                                      f"{_key_hint(name, None, ())}")
                 raise ConfigError(f"{source}: unknown section [{name}]{_suggest_section(name)}")
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: [{name}] must be a table, got {_toml_type(table)} "
@@ -624,7 +727,8 @@ def _apply_table(obj: Any, section: str, table: dict, source: str, base: Path | 
     types_ = _field_types(type(obj))
     for key, value in table.items():
         if key not in types_:
-            raise ConfigError(f"{source}: [{section}] unknown key '{key}'{_suggest(key, types_)}", section, key)
+            raise ConfigError(f"{source}: [{section}] unknown key '{key}'{_key_hint(key, section, types_)}",
+                              section, key)
         _set_field(obj, section, key, value, types_[key], source, base, origins)
 
 
@@ -686,7 +790,8 @@ def _apply_override(cfg: Config, item: str, origins: dict) -> None:
         raise ConfigError(f"{where}: expected section.key=value")
     parts = key_path.strip().split(".")
     if len(parts) < 2:
-        raise ConfigError(f"{where}: expected section.key=value, got key '{key_path.strip()}'")
+        raise ConfigError(f"{where}: expected section.key=value, got key '{key_path.strip()}'"
+                          f"{_key_hint(key_path.strip(), None, ())}")
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -703,7 +808,8 @@ def _apply_override(cfg: Config, item: str, origins: dict) -> None:
         obj, section = getattr(obj, sub), f"{section}.{sub}"
     types_ = _field_types(type(obj))
     if key not in types_:
-        raise ConfigError(f"{where}: [{section}] unknown key '{key}'{_suggest(key, types_)}", section, key)
+        raise ConfigError(f"{where}: [{section}] unknown key '{key}'{_key_hint(key, section, types_)}",
+                          section, key)
     _set_field(obj, section, key, value, types_[key], where, Path.cwd(), origins)
 
 

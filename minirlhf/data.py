@@ -67,23 +67,47 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8-sig")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        yield from _txt_rows(text)
-    elif suffix == ".jsonl":
-        # split on "\n" only: str.splitlines would also split at U+2028 inside a JSON string
-        for i, line in enumerate(text.split("\n"), start=1):
+    if suffix not in (".txt", ".jsonl", ".json"):
+        raise DataError(f"{path}: unknown file type '{suffix}' (expected .jsonl, .json or .txt)")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if suffix == ".jsonl":
+        # split on "\n" only: str.splitlines would also split at U+2028 inside a JSON string; each line is
+        # decoded on its own, so a line that is not UTF-8 is one bad row (skip_bad_rows applies)
+        for i, line_bytes in enumerate(raw.split(b"\n"), start=1):
+            try:
+                line = line_bytes.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield i, None, _not_utf8(e)[1]
+                continue
             if not line.strip():
                 continue
             try:
                 yield i, json.loads(line), None
             except json.JSONDecodeError as e:
                 yield i, None, f"invalid JSON: {e.msg} (column {e.colno})"
-    elif suffix == ".json":
-        yield from _json_array_rows(text, path)
+        return
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line, message = _not_utf8(e)
+        raise DataError(f"{path}:{line}: {message}") from None
+    if suffix == ".txt":
+        yield from _txt_rows(text)
     else:
-        raise DataError(f"{path}: unknown file type '{suffix}' (expected .jsonl, .json or .txt)")
+        yield from _json_array_rows(text, path)
+
+
+def _not_utf8(e: UnicodeDecodeError) -> tuple[int, str]:
+    """(line, what is wrong) for bytes that failed to decode: the first bad byte, its line (1-based, counted
+    in the bytes given to the decoder) and column."""
+    data = e.object  # what the decoder saw (after a byte-order mark)
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - data.rfind(b"\n", 0, e.start)
+    return line, f"not UTF-8 text: byte {data[e.start]:#04x} at column {column} ({e.reason}); save the file as UTF-8"
 
 
 def _txt_rows(text: str) -> Iterator[tuple[int, str, None]]:

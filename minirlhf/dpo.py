@@ -41,7 +41,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer, load_model
+from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer, disable_dropout, load_model
 from minirlhf.config import Config, ConfigError
 from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
 from minirlhf.distributed import reshard
@@ -295,7 +295,7 @@ def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | Non
     if not (cfg.dpo.loss_type in REFERENCE_FREE or cfg.dpo.reference == "live"):
         rank = None
     tok = build_tokenizer(cfg)
-    model = apply_lora(cfg, build_model(cfg, tok, device=device, rank=rank))
+    model = disable_dropout(cfg, apply_lora(cfg, build_model(cfg, tok, device=device, rank=rank)))
     data = build_datasets(cfg, tok)
     train, eval_ = data.train, data.eval
     if cfg.dpo.loss_type in REFERENCE_FREE:

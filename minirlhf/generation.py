@@ -130,19 +130,24 @@ def sample_next(
     return tokens, F.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0]
 
 
-def prefill_mask(prompt_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask of the prompt pass: [B, P] bool (True = real token) -> [B, 1, P, cache_len].
+def cache_mask(key_is_real: torch.Tensor, start: int, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask for t queries written at cache slots start..start+t: [B, S] bool (True = a real
+    token; pads and unwritten slots False) -> [B, 1, t, S], 0 where a query may attend, -inf elsewhere.
 
     Query i sees slot j iff j <= i and both are real or both are pads (a pad query then still has a
-    key, so no attention row is empty; pads never reach a real token's result). Slots >= P are unwritten.
+    key, so no attention row is empty; pads never reach a real token's result).
     """
-    B, P = prompt_mask.shape
-    slots = torch.arange(cache_len, device=prompt_mask.device)
-    causal = slots[None, :] <= slots[:P, None]  # (P, S)
-    key_is_real = F.pad(prompt_mask, (0, cache_len - P))  # (B, S), unwritten slots False
-    same_kind = prompt_mask[:, :, None] == key_is_real[:, None, :]  # (B, P, S)
-    mask = torch.zeros(B, 1, P, cache_len, dtype=dtype, device=prompt_mask.device)
+    S = key_is_real.shape[1]
+    slots = torch.arange(S, device=key_is_real.device)
+    causal = slots[None, :] <= slots[start: start + t, None]  # (t, S)
+    same_kind = key_is_real[:, start: start + t, None] == key_is_real[:, None, :]  # (B, t, S)
+    mask = torch.zeros(key_is_real.shape[0], 1, t, S, dtype=dtype, device=key_is_real.device)
     return mask.masked_fill_(~(causal & same_kind)[:, None], float("-inf"))
+
+
+def prefill_mask(prompt_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """`cache_mask` of the prompt pass: [B, P] bool (True = real token) -> [B, 1, P, cache_len]."""
+    return cache_mask(F.pad(prompt_mask, (0, cache_len - prompt_mask.shape[1])), 0, prompt_mask.shape[1], dtype)
 
 
 def step_mask(prompt_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -211,7 +216,8 @@ def generate(
     model.eval()
     model.setup_kv_cache(B, S)
     try:
-        with inference_weights(model, B, prepack=not compile) if fused_weights else nullcontext() as frozen_head:
+        prepack = not compile and not torch.is_autocast_enabled(device.type)
+        with inference_weights(model, B, prepack) if fused_weights else nullcontext() as frozen_head:
             head = frozen_head or model.lm_head
             step = compiled_step(model) if compile else model.decode_step
             hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask),

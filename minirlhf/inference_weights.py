@@ -53,7 +53,8 @@ class FrozenLinear:
 
     weight: [out, in], bias: [out] or None; batch: the number of rows the packing is tuned for (any
     number of rows still works). On the CPU the weight is held only in oneDNN's blocked layout, unless
-    prepack is False (torch.compile: inductor lowers oneDNN's linear only for weights it froze itself).
+    prepack is False (torch.compile: inductor lowers oneDNN's linear only for weights it froze itself;
+    autocast: oneDNN's op takes no part in it, F.linear does).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch: int, prepack: bool = True):
@@ -92,8 +93,11 @@ def can_fuse(model: nn.Module) -> bool:
 def worth_fusing(model: nn.Module, batch: int) -> bool:
     """Whether building the weights pays for itself: always, except a float32 model on the CPU at batch 1,
     where nothing is prepacked (see `_mkldnn_packs`) and stacking q/k/v and gate/up saves ~1 ms a step
-    for a build of ~0.3 s (the copies' page faults, 135M SmolLM2)."""
+    for a build of ~0.3 s (the copies' page faults, 135M SmolLM2), and under autocast (the matmuls run
+    in the autocast dtype from the modules' weights, whose casts autocast caches)."""
     weight = model.embed_tokens.weight
+    if torch.is_autocast_enabled(weight.device.type):
+        return False
     return can_fuse(model) and not (weight.device.type == "cpu" and weight.dtype == torch.float32 and batch == 1)
 
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from minirlhf.build import apply_lora, build_model, build_tokenizer
+from minirlhf.build import apply_lora, build_model, build_tokenizer, disable_dropout
 from minirlhf.config import Config
 from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
 from minirlhf.dpo import Reference, build_reference, sequence_logps
@@ -176,7 +176,7 @@ class KTOStage(PolicyStage):
 def build_stage(cfg: Config, device: torch.device | str = "cpu", rank: int | None = None) -> KTOStage:
     """rank: under torchrun, only rank 0 reads the policy and ref_model (see build.build_model)."""
     tok = build_tokenizer(cfg)
-    model = apply_lora(cfg, build_model(cfg, tok, device=device, rank=rank))
+    model = disable_dropout(cfg, apply_lora(cfg, build_model(cfg, tok, device=device, rank=rank)))
     data = build_datasets(cfg, tok)
     k = cfg.kto
     n_d = sum(1 for e in data.train if e["desirable"])

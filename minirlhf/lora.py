@@ -45,9 +45,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
-from minirlhf.checkpoint import GPT2_BLOCK_NAMES, GPT2_TOP_NAMES
+from minirlhf.checkpoint import GPT2_BLOCK_NAMES, GPT2_TOP_NAMES, read_tensors, save_safetensors
 from minirlhf.errors import UserError
 from minirlhf.model import Transformer
 
@@ -526,8 +525,8 @@ def save_adapter(model: Transformer, out_dir: str | Path, base_model_name_or_pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, out / ADAPTER_WEIGHTS,
-              metadata={"format": "pt"})
+    save_safetensors({k: v.cpu().contiguous() for k, v in tensors.items()}, out / ADAPTER_WEIGHTS,
+                     metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -631,12 +630,13 @@ def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
         _check_same_adapter(model, ranks, to_save, cfg, adapter_dir)
 
     file = adapter_dir / ADAPTER_WEIGHTS
-    if file.exists():
-        state = load_file(file)
-    elif (file := adapter_dir / "adapter_model.bin").exists():
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    else:
-        raise LoRAError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
+    if not file.exists():
+        if (adapter_dir / "adapter_model.bin").exists():
+            raise LoRAError(f"{adapter_dir / 'adapter_model.bin'}: pickled adapters are never loaded (unpickling "
+                            f"can run code); convert it to {ADAPTER_WEIGHTS} first, e.g. with peft on a machine "
+                            f"where you trust the file")
+        raise LoRAError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
+    state = dict(read_tensors(file))  # a truncated or corrupt file is a CheckpointError naming it
     _assign_peft_state(model, state, file)
     return model
 

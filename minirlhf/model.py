@@ -176,10 +176,15 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle. x: [B, H, T, d]."""
-    x1, x2 = x.chunk(2, dim=-1)
+    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle. x: [B, H, T, d].
+
+    Computed in float32 (cos, sin are float32 tables) and returned in x's dtype, so q and k leave RoPE
+    in the dtype v has: bf16 under autocast even when the weights (and so the embeddings) are float32.
+    """
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,9 +224,10 @@ class KVCache(nn.Module):
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, Hkv, t, d] at the cache slots `slots` [t]; return the whole cache, whose
-        unwritten slots the attention mask hides (fixed shapes, no slicing to the current length)."""
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
+        unwritten slots the attention mask hides (fixed shapes, no slicing to the current length).
+        k, v come in the compute dtype (bf16 under autocast) and are stored in the cache's (the weights')."""
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -254,7 +260,6 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            q, k = q.to(v.dtype), k.to(v.dtype)  # autocast: float32 rope tables promote q, k (as SDPA's autocast casts)
         if self.kv_cache is None:
             y = kernels.attention(q, k, v, document_ids=document_ids, backend=backend)
         else:
@@ -382,7 +387,7 @@ class Transformer(nn.Module):
         if self.config.is_gpt2:
             x = x + self.embed_positions(positions)
         else:
-            rope = rope_cos_sin(self.config, positions, x.dtype, inv_freq)
+            rope = rope_cos_sin(self.config, positions, torch.float32, inv_freq)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rope, document_ids, cache_slots, cache_mask, self.kernel_backend,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -43,7 +44,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer
+from minirlhf.build import (
+    DTYPES,
+    apply_lora,
+    build_model,
+    build_tokenizer,
+    check_same_tokenizer,
+    disable_dropout,
+    prepare_backbone,
+)
 from minirlhf.config import Config, ConfigError
 from minirlhf.data import (
     BatchIterator,
@@ -56,7 +65,7 @@ from minirlhf.data import (
 )
 from minirlhf.distributed import all_mean, gather_cat, reshard, world_size
 from minirlhf.dpo import build_reference
-from minirlhf.heads import RewardModel
+from minirlhf.heads import NotARewardModel, RewardModel
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.lora import disable_adapters, lora_layers, merge_and_unload
 from minirlhf.losses import (
@@ -85,7 +94,9 @@ from minirlhf.rollout import (
 )
 from minirlhf.sft import save_policy
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.trainer import Stage, StepResult, Trainer, decay_groups
+from minirlhf.trainer import Stage, StepResult, Trainer, TrainingError, decay_groups
+
+logger = logging.getLogger(__name__)
 
 ESTIMATORS = ("gae", "grpo", "rloo")
 
@@ -190,6 +201,9 @@ def advantages(
     grpo: the sequence reward R = sum_t r_t (score minus the KL penalties) normalised within each group of
           `group_size` samples of one prompt (Shao et al. 2024, section 4.1.2), given to every token.
     rloo: R minus the mean R of the other samples of its prompt (Ahmadian et al. 2024), every token.
+    The critic-free advantages are sequence-level quantities and stay as their papers define them: the
+    stage never whitens them again over tokens (that would give a group whose samples scored alike a
+    non-zero advantage whose sign depends on the lengths of other groups' answers).
     """
     if estimator == "gae":
         if values is None:
@@ -259,6 +273,12 @@ class PPOStage(Stage):
                               f"{p.prompts_per_rollout}", "ppo", "prompts_per_rollout")
         if p.ptx_coef > 0 and ptx is None:
             raise ValueError("PPOStage: [ppo] ptx_coef > 0 needs the ptx batches")
+        if p.reward_norm == "rm":
+            scorer_rm = score_fn.reward_model if isinstance(score_fn, RewardModelScorer) else None
+            if scorer_rm is None or scorer_rm.reward_mean is None or not scorer_rm.reward_std > 0:
+                raise ConfigError(f"[ppo] reward_norm = \"rm\" needs a reward model with the score statistics the rm "
+                                  f"stage saves, std > 0 (minirlhf_reward_stats in {p.reward_model}/config.json); "
+                                  f"use \"running\" or \"none\"", "ppo", "reward_norm")
         self.cfg, self.tok, self.score_fn, self.estimator = cfg, tok, score_fn, estimator
         self.policy, self.critic = policy, critic
         self.model = PolicyAndCritic(policy, critic)
@@ -349,26 +369,30 @@ class PPOStage(Stage):
         return rollout, {"time/generate": generated - start, "time/score": scored - generated}
 
     def shape_scores(self, scores: torch.Tensor, has_stop: torch.Tensor) -> torch.Tensor:
-        """Raw scores -> final rewards: running normalisation (when reward_norm), minus missing_eos_penalty
-        for answers without a stop token, clipped to +-reward_clip (when > 0)."""
+        """Raw scores -> final rewards: normalised (reward_norm "running": by the mean/std of every score so
+        far; "rm": by the reward model's training-set mean/std, fixed), minus missing_eos_penalty for answers
+        without a stop token, clipped to +-reward_clip (when > 0)."""
         p = self.cfg.ppo
-        if p.reward_norm:
+        if p.reward_norm == "running":
             self.reward_moments.update(gather_cat(scores))  # every rank's scores: one running mean
             scores = self.reward_moments.normalize(scores)
+        elif p.reward_norm == "rm":
+            scores = self.score_fn.reward_model.normalize(scores)
         scores = scores - p.missing_eos_penalty * (~has_stop).to(scores.dtype)
         if p.reward_clip > 0:
             scores = scores.clamp(-p.reward_clip, p.reward_clip)
         return scores
 
     def compute_advantages(self, rollout: Rollout, kl_coef: float) -> None:
-        """Fill rollout.rewards, .advantages (whitened when whiten_advantages) and .returns."""
+        """Fill rollout.rewards, .advantages and .returns. GAE's advantages are whitened over the rollout's
+        answer tokens when whiten_advantages; the critic-free ones never are (see `advantages`)."""
         p = self.cfg.ppo
         mask = rollout.response_mask
         rollout.rewards = kl_penalized_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask,
                                                kl_coef=kl_coef, estimator=p.kl_estimator)
         adv, rollout.returns = advantages(self.estimator, rollout.rewards, mask, rollout.values, gamma=p.gamma,
                                           lam=p.lam, group_size=p.samples_per_prompt)
-        if p.whiten_advantages and int(mask.sum()) > 1:
+        if self.estimator == "gae" and p.whiten_advantages and int(mask.sum()) > 1:
             adv = masked_whiten(adv, mask)
         rollout.advantages = adv
 
@@ -443,7 +467,15 @@ class PPOStage(Stage):
     def train_step(self, trainer: Trainer) -> StepResult:
         prompts = trainer.to_device(next(self.batches))
         kl_coef = self.kl_ctl.value
-        rollout, timings = self.make_rollout(prompts, trainer.autocast)
+        try:
+            rollout, timings = self.make_rollout(prompts, trainer.autocast)
+        except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
+            if "nan" not in str(e) or "inf" not in str(e):
+                raise
+            raise non_finite_error(trainer, "sampling probabilities (the policy's logits)") from None
+        bad = non_finite_parts(rollout)
+        if all_mean(float(bool(bad))) > 0:  # every rank stops, not only the one that saw it
+            raise non_finite_error(trainer, " and ".join(bad) or "values on another rank")
         self.compute_advantages(rollout, kl_coef)
         start = time.perf_counter()
         train_metrics = self.ppo_epochs(rollout, trainer)
@@ -504,14 +536,31 @@ class PPOStage(Stage):
 
     def save_final(self, out_dir: Path) -> None:
         """The policy (HF model or LoRA adapter, with the tokenizer) in out_dir, the critic as a full reward
-        model in out_dir/critic (its adapter merged into a copy)."""
-        save_policy(self.policy, self.tok, out_dir)
+        model with the tokenizer in out_dir/critic (its adapter merged into a copy)."""
+        save_policy(self.policy, self.tok, out_dir, self.cfg.model.path)
         if self.critic is not None:
             critic = self.critic
             if any(True for _ in lora_layers(critic)):
                 critic = copy.deepcopy(critic)
                 merge_and_unload(critic.backbone)
-            critic.save_pretrained(Path(out_dir) / "critic")
+            critic.save_pretrained(Path(out_dir) / "critic", tokenizer=self.tok)
+
+
+def non_finite_parts(rollout: Rollout) -> list[str]:
+    """Names of the rollout's measured tensors that hold a NaN or inf (one device sync)."""
+    parts = {"policy log-probs": rollout.logprobs, "reference log-probs": rollout.ref_logprobs,
+             "critic values": rollout.values, "scores": rollout.raw_scores}
+    parts = {k: v for k, v in parts.items() if v is not None}
+    finite = torch.stack([torch.isfinite(v).all() for v in parts.values()]).tolist()
+    return [name for name, ok in zip(parts, finite) if not ok]
+
+
+def non_finite_error(trainer: Trainer, what: str) -> TrainingError:
+    """The one-line error of a rollout that went non-finite: where, and the checkpoint to go back to."""
+    kept = f"the last good checkpoint is {trainer.last_checkpoint}" if trainer.last_checkpoint else \
+        "no checkpoint was written yet"
+    return TrainingError(f"non-finite {what} in the rollout of step {trainer.step + 1}; {kept}. Try a lower lr, "
+                         f"fp32 precision, or check the models.")
 
 
 def _sync_time(like: torch.Tensor) -> float:
@@ -530,26 +579,41 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def load_scalar_model(cfg: Config, tok: Tokenizer, path: str, key: str, dtype: torch.dtype | None,
+                      device: torch.device | str) -> RewardModel:
+    """The reward model ([ppo] reward_model: a saved reward model, nothing else) or the critic's start
+    ([ppo] critic_model, or the reward model: a causal LM gets a fresh head), checked against the policy's
+    tokenizer: the embeddings must hold its ids and a tokenizer saved with the model must be the same."""
+    try:
+        model = RewardModel.from_pretrained(path, dtype=dtype, device=device, seed=cfg.train.seed,
+                                            new_head=key != "reward_model")
+    except NotARewardModel as e:
+        raise ConfigError(f"[ppo] {key}: {e}", "ppo", key) from None
+    prepare_backbone(cfg, tok, model.backbone, path, "ppo", key)
+    check_same_tokenizer(tok, path, "ppo", key)
+    return model
+
+
 def build_stage(cfg: Config, device: torch.device | str = "cpu") -> PPOStage:
     """Policy ([model] path + [lora]), reference, critic (from [ppo] critic_model or reward_model, with its
-    own adapter when [lora] is on), frozen reward model, prompts, and the ptx data when ptx_coef > 0."""
+    own adapter when [lora] is on), frozen reward model, prompts, and the ptx data when ptx_coef > 0.
+    With [train] disable_dropout, no model has dropout (build.disable_dropout)."""
     p = cfg.ppo
     tok = build_tokenizer(cfg)
-    policy = apply_lora(cfg, build_model(cfg, tok, device=device))
+    policy = disable_dropout(cfg, apply_lora(cfg, build_model(cfg, tok, device=device)))
     ref = build_reference(cfg, policy, p.ref_model, "ppo", device)
     reference = None if ref.adapters_off else ref.model  # None: the policy with its adapters disabled
 
     dtype = DTYPES[cfg.model.dtype]
     reward_dtype = DTYPES[p.reward_dtype] if p.reward_dtype != "auto" else dtype
-    reward_model = _frozen(RewardModel.from_pretrained(p.reward_model, dtype=reward_dtype, device=device))
-    reward_model.backbone.kernel_backend = cfg.model.backend
+    reward_model = _frozen(load_scalar_model(cfg, tok, p.reward_model, "reward_model", reward_dtype, device))
     critic = None
     if p.estimator == "gae":
-        critic = RewardModel.from_pretrained(p.critic_model or p.reward_model, dtype=dtype, device=device,
-                                             seed=cfg.train.seed)
-        critic.backbone.kernel_backend = cfg.model.backend
-        critic.backbone.activation_checkpointing = cfg.train.activation_checkpointing
-        apply_lora(cfg, critic.backbone)  # freezes the backbone under an adapter; the value head trains in full
+        key = "critic_model" if p.critic_model else "reward_model"
+        critic = load_scalar_model(cfg, tok, p.critic_model or p.reward_model, key, dtype, device)
+        logger.info("ppo: critic from %s", p.critic_model or p.reward_model)
+        # the policy's [lora] settings minus the LM head (the critic has none); the value head trains in full
+        disable_dropout(cfg, apply_lora(cfg, critic.backbone))
 
     data = build_datasets(cfg, tok)
     ptx = None

@@ -12,8 +12,8 @@ answer wins (Eisenstein et al. 2023, "Helping or Herding?"): the pairwise loss o
 so without it the scores can drift by any constant.
 
 Chosen and rejected run as one [2B, T] forward. At the end, one pass over the training data (no
-gradient) records the mean and std of all 2N scores in the saved config.json so that ppo can normalise
-rewards. With LoRA the backbone gets adapters and the scalar head trains in full (like PEFT's
+gradient) records the mean and std of all 2N scores in the saved config.json, which ppo's
+`reward_norm = "rm"` reads. With LoRA the backbone gets adapters and the scalar head trains in full (like PEFT's
 modules_to_save); the saved reward model is the merged backbone plus the head, a plain
 `*ForSequenceClassification` directory that ppo and transformers load without the adapter.
 """
@@ -55,7 +55,7 @@ def build_reward_model(cfg: Config, tok: Tokenizer, device: torch.device | str =
     backbone only, so the head stays trainable."""
     if cfg.model.path:
         model = RewardModel.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device,
-                                            seed=cfg.train.seed)
+                                            seed=cfg.train.seed, new_head=True)
     else:
         torch.manual_seed(cfg.train.seed)
         model = RewardModel(fresh_model_config(cfg, tok)).to(device)
@@ -131,15 +131,15 @@ class RewardStage(Stage):
 
     def save_final(self, out_dir: Path) -> None:
         """The reward model in HF `*ForSequenceClassification` format (LoRA merged into the backbone, in
-        place) plus the tokenizer files."""
+        place) plus the tokenizer files, with a pad token transformers can tell from the end token
+        (heads.export_pad_id)."""
         from minirlhf.lora import has_lora, merge_and_unload
 
         mean, std = self.record_reward_stats()
         logger.info("rm: training-set scores mean %.4f std %.4f", mean, std)
         if has_lora(self.model.backbone):
             merge_and_unload(self.model.backbone)
-        self.model.save_pretrained(out_dir)
-        self.tok.save_pretrained(str(out_dir))
+        self.model.save_pretrained(out_dir, tokenizer=self.tok)
 
 
 def build_stage(cfg: Config, device: torch.device | str = "cpu") -> RewardStage:

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from minirlhf.build import apply_lora, build_model, build_tokenizer
 from minirlhf.config import Config
-from minirlhf.data import BatchIterator, build_datasets
+from minirlhf.data import IGNORE_INDEX, BatchIterator, build_datasets
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
@@ -35,12 +35,13 @@ def neftune_hook(alpha: float):
     return hook
 
 
-def save_policy(model: Transformer, tok: Tokenizer, out_dir: Path) -> None:
-    """A full HF-format model, or the LoRA adapter in PEFT's layout, plus the tokenizer files."""
+def save_policy(model: Transformer, tok: Tokenizer, out_dir: Path, base: str = "") -> None:
+    """A full HF-format model, or the LoRA adapter in PEFT's layout (naming `base`, the directory the
+    run started from, as its base model so that loaders find it), plus the tokenizer files."""
     from minirlhf.lora import has_lora, save_adapter
 
     if has_lora(model):
-        save_adapter(model, out_dir)
+        save_adapter(model, out_dir, base_model_name_or_path=base or None)
     else:
         model.save_pretrained(out_dir)
     tok.save_pretrained(str(out_dir))
@@ -53,11 +54,11 @@ class PolicyStage(Stage):
     tok: Tokenizer
 
     def save_final(self, out_dir: Path) -> None:
-        save_policy(self.model, self.tok, out_dir)
+        save_policy(self.model, self.tok, out_dir, self.cfg.model.path)
 
 
 class LanguageModelingStage(PolicyStage):
-    """pt and sft: mean cross-entropy over the trained labels of each micro-batch."""
+    """pt and sft: mean cross-entropy over the trained labels of a step's micro-batches."""
 
     def __init__(self, cfg: Config, model: Transformer, tok: Tokenizer, train: list[dict], eval: list[dict],
                  collate):
@@ -71,6 +72,15 @@ class LanguageModelingStage(PolicyStage):
     def loss(self, batch):
         loss = causal_lm_loss(self.model, batch)
         return loss, {"loss": loss.detach()}
+
+    def loss_tokens(self, batch) -> int:
+        """The trained labels (positions 1..T-1 not -100): the loss is their mean, and the trainer weights
+        micro-batches by them, so a step is the mean over every trained token of its batch."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def chance_loss(self) -> float:
+        """ln V: the cross-entropy of a uniform guess over the model's vocabulary."""
+        return math.log(self.model.config.vocab_size)
 
     def evaluate(self, trainer) -> dict[str, float]:
         """Token-weighted mean loss over the eval examples, and its perplexity."""

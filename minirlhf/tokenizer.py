@@ -22,9 +22,14 @@ from dataclasses import dataclass
 import jinja2
 
 from minirlhf import chat_template as ct
-from minirlhf.bpe import ByteLevelBPE
+from minirlhf.bpe import ByteLevelBPE, TokenizerError, read_text
+
+__all__ = ["ChatEncoding", "Tokenizer", "TokenizerError", "load_tokenizer", "train_sentencepiece"]
 
 Offsets = list[tuple[int, int]]
+# a two-message conversation rendered when a template is set: finds its end-of-turn token, and makes a
+# template that breaks the Jinja sandbox fail when it is loaded rather than on the first data row
+_PROBE = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
 
 
 @dataclass
@@ -41,7 +46,10 @@ class SentencePieceModel:
     def __init__(self, path: str):
         import sentencepiece as spm
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{path}: not a readable SentencePiece model ({str(e).strip()})") from None
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text) if text else []
@@ -124,7 +132,7 @@ class Tokenizer:
     def __init__(self, model: SentencePieceModel | BPEModel, added: list[dict], special_tokens: dict[str, str | None],
                  config: dict, source_dir: str, files: list[str], chat_template: str | None = None,
                  template_file: bool = False, generation_eos_ids: Sequence[int] = (),
-                 generation_ids: dict | None = None):
+                 generation_ids: dict | None = None, template_origin: str | None = None):
         self.model = model
         self.config = config
         self.source_dir = source_dir
@@ -148,7 +156,8 @@ class Tokenizer:
             if token is not None:
                 i = self.token_to_id(token)
                 if i is None:
-                    raise ValueError(f"{source_dir}: {name}_token {token!r} is not in the vocabulary")
+                    raise TokenizerError(f"{source_dir}: {name}_token {token!r} is not in the vocabulary (set in "
+                                         f"tokenizer_config.json or special_tokens_map.json)")
                 if token not in self.added:
                     self.added[token] = i
                     self.added_by_id.setdefault(i, token)
@@ -159,8 +168,8 @@ class Tokenizer:
                 if ids[name] is not None:
                     self.special_ids.add(ids[name])
         if ids["eos"] is None:
-            raise ValueError(f"{source_dir}: no eos token: set eos_token in tokenizer_config.json or "
-                             f"eos_token_id in generation_config.json")
+            raise TokenizerError(f"{source_dir}: no eos token: set eos_token in tokenizer_config.json or "
+                                 f"eos_token_id in generation_config.json")
         self.bos_id: int | None = ids["bos"]
         self.eos_id: int = ids["eos"]
         self.unk_id: int | None = ids["unk"]
@@ -175,8 +184,9 @@ class Tokenizer:
         self._file_stop_ids = [self.eos_id, *generation_eos_ids]
         self.stop_ids: list[int] = []
         self._chat_source: str | None = None
+        self._chat_origin = ""
         self._chat_compiled: jinja2.Template | None = None
-        self.set_chat_template(chat_template)
+        self.set_chat_template(chat_template, template_origin)
 
     def _compile_added(self, strip: dict[str, tuple[bool, bool]]) -> re.Pattern | None:
         if not self.added:
@@ -267,20 +277,27 @@ class Tokenizer:
         return "".join(out)
 
     # ---- chat ----------------------------------------------------------------------------------
-    def set_chat_template(self, template: str | None) -> None:
+    def set_chat_template(self, template: str | None, origin: str | None = None) -> None:
         """Use `template`: a built-in name (chatml, llama2, llama3, alpaca, vicuna, plain), the path of a
-        .jinja file, or Jinja source. None or "" leaves the tokenizer without a template."""
+        .jinja file, or Jinja source. None or "" leaves the tokenizer without a template.
+        origin: where Jinja source came from, for error messages (e.g. ".../tokenizer_config.json")."""
         if not template:
             template = None
         elif ct.is_builtin(template):
+            origin = f"built-in chat template {template!r}"
             template = ct.builtin_template(template)
         elif template.endswith(".jinja") and "\n" not in template and "{" not in template:
             if not os.path.isfile(template):
-                raise FileNotFoundError(f"chat template file {template!r} does not exist")
-            with open(template, encoding="utf-8") as f:
-                template = f.read()
-        self._chat_source = template
-        self._chat_compiled = ct.compile_template(template) if template is not None else None
+                raise TokenizerError(f"chat template file {template!r} does not exist")
+            origin, template = template, read_text(template)
+        origin = origin or "the chat template given as Jinja source"
+        try:
+            compiled = ct.compile_template(template) if template is not None else None
+        except jinja2.TemplateSyntaxError as e:
+            raise TokenizerError(f"{origin}: chat template line {e.lineno}: {e.message}") from None
+        self._chat_source, self._chat_origin, self._chat_compiled = template, origin, compiled
+        if compiled is not None:
+            self._refuse_sandbox_escape()
         end_of_turn = self._end_of_turn_id()
         stops = self._file_stop_ids + ([end_of_turn] if end_of_turn is not None else [])
         self.stop_ids = list(dict.fromkeys(stops))
@@ -290,18 +307,42 @@ class Tokenizer:
         return self._chat_source
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
-        """The conversation as text, exactly as transformers' apply_chat_template(..., tokenize=False)."""
+        """The conversation as text, exactly as transformers' apply_chat_template(..., tokenize=False).
+        A template that raises (raise_exception, an undefined name, a sandbox violation) gives a
+        TokenizerError naming the template's source."""
+        try:
+            return self._render(messages, add_generation_prompt, **kwargs)
+        except jinja2.TemplateError as e:
+            raise self._template_error(e) from None
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         if self._chat_compiled is None:
-            raise ValueError(f"{self.source_dir}: the tokenizer has no chat template (no chat_template.jinja and no "
-                             f"chat_template in tokenizer_config.json); pass chat_template='chatml' (or llama2, "
-                             f"llama3, alpaca, vicuna, plain) to load_tokenizer")
+            raise TokenizerError(f"{self.source_dir}: the tokenizer has no chat template (no chat_template.jinja and "
+                                 f"no chat_template in tokenizer_config.json); pass chat_template='chatml' (or "
+                                 f"llama2, llama3, alpaca, vicuna, plain) to load_tokenizer")
         special = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
                    "unk_token": self.unk_token}
         return ct.render(self._chat_compiled, messages, add_generation_prompt, special, **kwargs)
 
+    def _template_error(self, e: jinja2.TemplateError) -> TokenizerError:
+        if isinstance(e, jinja2.exceptions.SecurityError):
+            return TokenizerError(f"{self._chat_origin}: the chat template breaks the Jinja sandbox: {e}")
+        return TokenizerError(f"{self._chat_origin}: chat template: {e}")
+
+    def _refuse_sandbox_escape(self) -> None:
+        """Render the probe conversation: a template that touches what the sandbox forbids (attributes of
+        Python internals, mutating its arguments) fails now, naming its source. Any other failure on the
+        probe is left to the rows (a template may refuse a conversation with raise_exception)."""
+        try:
+            self._render(_PROBE)
+        except jinja2.exceptions.SecurityError as e:
+            raise self._template_error(e) from None
+        except (jinja2.TemplateError, IndexError, KeyError, TypeError):
+            pass
+
     def _try_render(self, messages: list[dict], add_generation_prompt: bool, **kwargs) -> str | None:
         try:
-            return self.render_chat(messages, add_generation_prompt, **kwargs)
+            return self._render(messages, add_generation_prompt, **kwargs)
         except (jinja2.TemplateError, IndexError, KeyError, TypeError):
             return None
 
@@ -372,9 +413,8 @@ class Tokenizer:
         <|eot_id|>, </s>), found by rendering a two-message probe; None without a template."""
         if self._chat_compiled is None:
             return None
-        probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
         try:
-            text, spans = self.assistant_spans(probe)
+            text, spans = self.assistant_spans(_PROBE)
         except (jinja2.TemplateError, ValueError, IndexError, KeyError, TypeError):
             return None
         if not spans:
@@ -417,46 +457,52 @@ class Tokenizer:
 
 # ---- loading -------------------------------------------------------------------------------------
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
+    """A JSON object file of the tokenizer directory, {} when absent; TokenizerError naming it otherwise."""
+    if not os.path.exists(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        raise TokenizerError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
-def _token_text(value) -> str | None:
+def _token_text(value, where: str) -> str | None:
     """A special token written as a string or as an AddedToken dict ({"content": ...})."""
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, dict) and "content" in value:
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"special token {value!r} is neither a string nor an AddedToken dict with 'content'")
+    raise TokenizerError(f"{where}: special token {value!r} is neither a string nor an AddedToken dict "
+                         f"with 'content'")
 
 
 def _pick_template(value, where: str) -> str | None:
     """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} (use "default")."""
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, list):
+    if isinstance(value, list) and all(isinstance(t, dict) for t in value):
         named = {t.get("name"): t.get("template") for t in value}
         if "default" in named:
             return named["default"]
         if value:
             return value[0].get("template")
         return None
-    raise ValueError(f"{where}: chat_template must be a string or a list of named templates")
+    raise TokenizerError(f"{where}: chat_template must be a string or a list of named templates")
 
 
-def load_tokenizer(directory: str, chat_template: str | None = None) -> Tokenizer:
+def load_tokenizer(directory: str, chat_template: str | None = None, template_origin: str | None = None) -> Tokenizer:
     """Load a tokenizer directory, preferring tokenizer.model (SentencePiece), then tokenizer.json
     (byte-level BPE), then vocab.json + merges.txt (GPT-2). Special tokens come from
     tokenizer_config.json, then special_tokens_map.json, then generation_config.json. chat_template
     (a built-in name, a .jinja path or Jinja source) overrides the directory's template: transformers-5
-    chat_template.jinja, else tokenizer_config.json's chat_template."""
+    chat_template.jinja, else tokenizer_config.json's chat_template. template_origin names where a
+    chat_template given as Jinja source came from, for error messages (e.g. "[data] chat_template").
+    Files that are missing, unreadable or malformed raise TokenizerError naming the file."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"tokenizer directory {directory!r} does not exist")
+        raise TokenizerError(f"tokenizer directory {directory!r} does not exist")
     path = lambda name: os.path.join(directory, name)
     config = _read_json(path("tokenizer_config.json"))
     special_map = _read_json(path("special_tokens_map.json"))
@@ -474,36 +520,44 @@ def load_tokenizer(directory: str, chat_template: str | None = None) -> Tokenize
         model = BPEModel(ByteLevelBPE.from_vocab_merges(path("vocab.json"), path("merges.txt")))
         files = ["vocab.json", "merges.txt"]
     else:
-        raise FileNotFoundError(f"{directory}: no tokenizer.model, tokenizer.json or vocab.json + merges.txt")
-    for tid, spec in (config.get("added_tokens_decoder") or {}).items():
-        added.append({**(spec if isinstance(spec, dict) else {"content": spec}), "id": int(tid)})
+        raise TokenizerError(f"{directory}: no tokenizer.model, tokenizer.json or vocab.json + merges.txt")
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise TokenizerError(f"{path('tokenizer_config.json')}: added_tokens_decoder must map ids to tokens")
+    for tid, spec in decoder.items():
+        spec = spec if isinstance(spec, dict) else {"content": spec}
+        added.append({**spec, "id": int(tid) if str(tid).isdigit() else tid})
+    for tok in added:
+        if not isinstance(tok, dict) or not isinstance(tok.get("content"), str) or not isinstance(tok.get("id"), int):
+            raise TokenizerError(f"{directory}: added token {tok!r} (tokenizer_config.json added_tokens_decoder or "
+                                 f"tokenizer.json added_tokens) needs a string 'content' and an integer id")
     # tokens named in the config that are ordinary vocabulary entries (e.g. GPT-2's <|endoftext|>)
     extra = list(config.get("additional_special_tokens") or special_map.get("additional_special_tokens") or [])
     extra_special = config.get("extra_special_tokens") or []
     extra += list(extra_special.values() if isinstance(extra_special, dict) else extra_special)
     known = {t["content"] for t in added}
-    for token in map(_token_text, extra):
+    for token in (_token_text(t, path("tokenizer_config.json")) for t in extra):
         if token not in known and model.lookup(token) is not None:
             added.append({"content": token, "id": model.lookup(token), "special": True})
             known.add(token)
-    special = {name: _token_text(config.get(f"{name}_token", special_map.get(f"{name}_token")))
+    special = {name: _token_text(config.get(f"{name}_token", special_map.get(f"{name}_token")), directory)
                for name in ("bos", "eos", "pad", "unk")}
     eos_ids = generation.get("eos_token_id")
     eos_ids = [] if eos_ids is None else ([eos_ids] if isinstance(eos_ids, int) else list(eos_ids))
     generation_ids = {"bos": generation.get("bos_token_id"), "eos": eos_ids[0] if eos_ids else None,
                       "pad": generation.get("pad_token_id")}
     template_file = os.path.isfile(path("chat_template.jinja"))
-    chat_template = chat_template or None
+    chat_template, origin = chat_template or None, template_origin
     if chat_template is None and template_file:
-        with open(path("chat_template.jinja"), encoding="utf-8") as f:
-            chat_template = f.read()
+        chat_template, origin = read_text(path("chat_template.jinja")), path("chat_template.jinja")
     elif chat_template is None:
-        chat_template = _pick_template(config.get("chat_template"), path("tokenizer_config.json"))
+        origin = path("tokenizer_config.json")
+        chat_template = _pick_template(config.get("chat_template"), origin)
         template_file = False
     else:
         template_file = False
     return Tokenizer(model, added, special, config, directory, files, chat_template, template_file,
-                     eos_ids, generation_ids)
+                     eos_ids, generation_ids, template_origin=origin)
 
 
 # ---- training ------------------------------------------------------------------------------------

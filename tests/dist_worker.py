@@ -33,7 +33,7 @@ PROBE = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
 
 
 def count_weight_bytes(read_tensors, counter: list[int]):
-    """checkpoint._read_tensors, adding the bytes of every tensor it yields to counter[0]."""
+    """checkpoint.read_tensors, adding the bytes of every tensor it yields to counter[0]."""
     def counted(file):
         for name, tensor in read_tensors(file):
             counter[0] += tensor.numel() * tensor.element_size()
@@ -49,8 +49,17 @@ def main() -> None:
     p.add_argument("--report", default=None)
     args = p.parse_args()
     cfg = load_config(args.config, args.set, stage=args.stage)
+    try:
+        measure(cfg, args.report)
+    except BaseException:
+        distributed.close(barrier=False)  # no abort in interpreter teardown: the error stays the message
+        raise
+    distributed.close()
+
+
+def measure(cfg, report_path: str | None) -> None:
     weight_bytes = [0]  # read from the model directories' weight files by this rank while building
-    checkpoint._read_tensors = count_weight_bytes(checkpoint._read_tensors, weight_bytes)
+    checkpoint.read_tensors = count_weight_bytes(checkpoint.read_tensors, weight_bytes)
     trainer = build_trainer(cfg)
     ctx = trainer.dist
     local, full = distributed.local_parameter_bytes(trainer.stage.model)
@@ -69,9 +78,8 @@ def main() -> None:
     dist.all_gather_object(rows, {"rank": ctx.rank, "local_bytes": local, "full_bytes": full,
                                   "frozen": frozen, "frozen_after": frozen_after, "weight_bytes": weight_bytes[0]})
     report["memory"] = rows
-    if ctx.is_main and args.report:
-        Path(args.report).write_text(json.dumps(report))
-    distributed.close(ctx)
+    if ctx.is_main and report_path:
+        Path(report_path).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

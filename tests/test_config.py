@@ -178,3 +178,64 @@ def test_default_toml_documents_every_field():
     cfg = Config()
     assert parsed["train"]["lr"] == cfg.train.lr and parsed["ppo"]["kl_estimator"] == cfg.ppo.kl_estimator
     assert parsed["model"]["init"] == dataclasses.asdict(cfg.model.init)
+
+
+def test_other_trainers_key_names_point_to_ours(tmp_path):
+    """transformers/TRL names get our key, in its own section when they were given in another (spelling alone
+    sent `lr_schedule` to 'lr' and `adam_beta2` to 'adam_eps')."""
+    path = write(tmp_path, BASE)
+    expected = {
+        "train.gradient_accumulation_steps=4": "[train] unknown key 'gradient_accumulation_steps' (did you mean "
+                                               "'grad_accum'?)",
+        "train.per_device_train_batch_size=8": "(did you mean 'micro_batch_size'?)",
+        "train.lr_scheduler_type=linear": "(did you mean 'schedule'?)",
+        "train.lr_schedule=linear": "(did you mean 'schedule'?)",
+        "train.learning_rate=1e-5": "(did you mean 'lr'?)",
+        "train.num_train_epochs=3": "(did you mean 'epochs'?)",
+        "train.max_length=512": "[train] unknown key 'max_length' (did you mean [data] cutoff_len?)",
+        "train.bf16=true": '(did you mean precision = "bf16"?)',
+        "train.adam_beta2=0.999": "(did you mean betas = [beta1, beta2]?)",
+        "dpo.precompute_ref_log_probs=true": '(did you mean reference = "precompute"?)',
+        "train.precompute_ref_log_probs=true": '(did you mean [dpo] reference = "precompute"?)',
+        "train.optim=adamw_torch": "(the optimizer is always AdamW, set by [train] betas, adam_eps and weight_decay)",
+        "train.beta=0.1": "(did you mean [dpo] beta or [kto] beta?)",  # a key of other sections
+        "model.hidden_size=64": "(did you mean [model.init] hidden_size?)",
+    }
+    for override, hint in expected.items():
+        assert error_of(path, [override]).endswith(hint), override
+    path = write(tmp_path, "gradient_accumulation_steps = 4\n" + BASE)
+    assert error_of(path) == (f"{path}: key 'gradient_accumulation_steps' must be inside a section (did you mean "
+                              f"[train] grad_accum?)")
+
+
+def test_every_ecosystem_pointer_names_a_real_key():
+    from minirlhf.config import ECOSYSTEM_KEYS
+
+    known = {(s, k) for s, k, *_ in iter_fields()}
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    for name, (section, key, _, remark) in ECOSYSTEM_KEYS.items():
+        assert (section, key) in known or (not key and remark), name
+        assert (section, name) not in known, f"{name} is one of our keys"
+        assert f"`{name}`" in doc or name in ("lr_schedule", "scheduler", "batch_size"), \
+            f"docs/config.md's table of other trainers' names lacks {name}"
+
+
+def test_train_numbers_must_be_finite_and_new_keys(tmp_path):
+    path = write(tmp_path, BASE)
+    assert error_of(path, ["train.lr=inf"]) == "[train] lr must be a finite number, got inf (--set train.lr=inf)"
+    assert error_of(path, ["train.lr=nan"]) == "[train] lr must be a finite number, got nan (--set train.lr=nan)"
+    assert "[train] weight_decay must be a finite number, got inf" in error_of(path, ["train.weight_decay=inf"])
+    assert "[train] betas must be two numbers in [0, 1), got [0.9, nan]" in error_of(path, ["train.betas=[0.9, nan]"])
+    assert "[train] threads must be >= 0, got -1" in error_of(path, ["train.threads=-1"])
+    assert "[train] overwrite must be false when resuming" in error_of(path, ["train.overwrite=true",
+                                                                            'train.resume="auto"'])
+    cfg = load_config(path, ["train.threads=2", "train.overwrite=true"], "sft")
+    assert (cfg.train.threads, cfg.train.overwrite) == (2, True)
+
+
+def test_reward_norm_booleans_of_older_configs_still_load(tmp_path):
+    # [ppo] reward_norm was a boolean before it became none | running | rm; old configs keep working
+    for value, meaning in (("true", "running"), ("false", "none"), ('"rm"', "rm")):
+        cfg = load_config(None, ["model.tokenizer=/tok", 'data.train_files=["/d.jsonl"]',
+                                 "ppo.reward_model=/rm", f"ppo.reward_norm={value}"], stage="ppo")
+        assert cfg.ppo.reward_norm == meaning

@@ -170,7 +170,7 @@ def test_parameters_are_sharded_one_per_rank(sft_runs):
 @needs_torchrun
 def test_only_rank0_reads_the_weights(sft_runs):
     """Rank 1 builds the model on the meta device and gets its shards broadcast from rank 0: it reads no
-    byte of the checkpoint (dist_worker counts what checkpoint._read_tensors yields), rank 0 all of it
+    byte of the checkpoint (dist_worker counts what checkpoint.read_tensors yields), rank 0 all of it
     (the fp32 tiny llama, untied: as many bytes as the parameters)."""
     rows = sft_runs["report"]["memory"]
     print(f"\nweight bytes read per rank: {[r['weight_bytes'] for r in rows]}")
@@ -183,7 +183,8 @@ def test_only_rank0_reads_the_weights(sft_runs):
 def test_sharded_checkpoint_resumes_with_the_same_losses_on_two_ranks_and_on_one(sft_runs):
     ckpt = sft_runs["ckpt"]
     names = {p.name for p in ckpt.iterdir()}
-    assert {".metadata", "state.pt", "rng-0.pt", "rng-1.pt"} <= names
+    assert {".metadata", "state.json", "rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors"} <= names
+    assert not any(n.endswith(".pt") for n in names)  # nothing pickled by minirlhf (DCP's .metadata aside)
     assert not any(p.name.startswith(".tmp") for p in ckpt.parent.iterdir())  # renamed into place
     full = metric(sft_runs["two"])
     for run in ("resumed2", "resumed1"):

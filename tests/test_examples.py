@@ -18,12 +18,14 @@ from helpers_tiny import (
     kto_rows,
     preference_rows,
     prompt,
+    tiny_model_config,
     tiny_model_dir,
     tiny_tokenizer,
     write_jsonl,
 )
 
 from minirlhf.config import STAGES, iter_fields, load_config
+from minirlhf.heads import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "configs" / "examples"
@@ -128,6 +130,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
     tok = tiny_tokenizer(root / "tok")
     model = tiny_model_dir(root / "model", tok)
+    RewardModel(tiny_model_config(tok)).save_pretrained(root / "reward_model")  # ppo refuses a causal LM
     n = 24
     files = {
         "sft": write_jsonl(root / "sft.jsonl", [{"instruction": prompt(i), "input": "", "output": answer(i, True)}
@@ -143,14 +146,14 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example_trains_one_step_on_a_tiny_model(name, tiny, tmp_path):
-    _, model, files = tiny
+    root, model, files = tiny
     stage = EXPECTED[name][0]
     out = tmp_path / "run"
     sets = [f"model.path={model}", f"data.train_files=[{json.dumps(str(files[stage]))}]", f"train.output_dir={out}",
             "train.max_steps=1", "train.micro_batch_size=4", "train.grad_accum=2", "data.cutoff_len=48",
             "data.block_size=48", "data.eval_split=0.0"]
     if stage == "ppo":
-        sets += [f"ppo.reward_model={model}", "ppo.prompts_per_rollout=4", "ppo.minibatch_size=4",
+        sets += [f"ppo.reward_model={root / 'reward_model'}", "ppo.prompts_per_rollout=4", "ppo.minibatch_size=4",
                  "ppo.micro_batch_size=2", "ppo.max_new_tokens=4"]
     sys.path.insert(0, str(ROOT))
     import train

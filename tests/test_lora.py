@@ -358,3 +358,31 @@ def test_half_precision_base_keeps_float32_adapter(llama_dir):
     x64, A, B = x.double(), q.lora_A.weight.double(), q.lora_B.weight.double()
     ref = x64 @ q.weight.double().T + q.scaling * (x64 @ A.T @ B.T)
     torch.testing.assert_close(y.double(), ref, atol=2e-2, rtol=2e-2)  # bfloat16 keeps ~3 digits
+
+
+def test_pickled_or_damaged_adapter_files_are_refused_in_one_line(tmp_path, llama_dir):
+    """An adapter_model.bin is never unpickled (its loading would run the marker code below), and a
+    truncated adapter_model.safetensors names the file."""
+    import pickle
+
+    from minirlhf.checkpoint import CheckpointError
+
+    model = Transformer.from_pretrained(llama_dir)
+    inject_lora(model, LoRAConfig(r=2, alpha=4))
+    save_adapter(model, tmp_path / "a")
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "a" / "kept.safetensors")
+    (tmp_path / "a" / "adapter_model.bin").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(LoRAError, match="adapter_model.bin: pickled adapters are never loaded"):
+        load_adapter(Transformer.from_pretrained(llama_dir), tmp_path / "a")
+    assert not marker.exists()
+
+    data = (tmp_path / "a" / "kept.safetensors").read_bytes()
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors: not a readable safetensors file"):
+        load_adapter(Transformer.from_pretrained(llama_dir), tmp_path / "a")

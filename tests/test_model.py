@@ -128,6 +128,44 @@ def test_greedy_generation_matches_transformers(pair):
     assert not out.mask[:, n:].any()
 
 
+def test_float32_weights_under_bf16_autocast(pair):
+    """The default on a GPU: float32 weights under bf16 autocast. q, k and v must reach attention in one
+    dtype (RoPE used to return float32 q, k beside a bf16 v). The logits stay within bf16 rounding of the
+    float32 ones (~2^-8 relative per op over two layers: 5% of the largest logit is a generous bound that a
+    wrong position or a dropped head would still exceed), and generation through the KV cache runs and
+    picks the autocast forward's greedy token first."""
+    kind, _, ours, _ = pair
+    ids, mask = batch()
+    with torch.no_grad():
+        expected = ours(ids, attention_mask=mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours(ids, attention_mask=mask)
+            out = ours.generate(ids, mask, max_new_tokens=3, temperature=0, eos_token_id=-1, pad_token_id=0)
+    assert got.dtype == torch.bfloat16
+    real = mask.bool()
+    err = (got[real].float() - expected[real]).abs().max()
+    assert err <= 5e-2 * expected[real].abs().max(), f"{kind}: {err}"
+    assert torch.equal(out.tokens[:, 0], got[:, -1].argmax(-1))
+    assert torch.isfinite(out.logprobs).all()
+
+
+def test_rope_in_bf16_is_the_float64_rotation_rounded_once():
+    """apply_rope on bf16 q returns bf16, computed in float32: within one bf16 rounding (2^-8 relative) of
+    the rotation done in float64, x * cos + rotate_half(x) * sin (RoFormer eq. 34)."""
+    from minirlhf.model import apply_rope, rope_cos_sin
+
+    config = ModelConfig(hidden_size=64, num_attention_heads=4, intermediate_size=8, num_hidden_layers=1)
+    positions = torch.arange(40)[None]
+    cos, sin = rope_cos_sin(config, positions, torch.float32)
+    x = torch.randn(1, 4, 40, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    got = apply_rope(x, cos, sin)
+    x64, cos64, sin64 = x.double(), cos.double(), sin.double()
+    half = x64.shape[-1] // 2
+    expected = x64 * cos64 + torch.cat([-x64[..., half:], x64[..., :half]], -1) * sin64
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-6).all()
+
+
 def test_save_pretrained_loads_in_transformers(pair, tmp_path):
     kind, hf, ours, _ = pair
     ours.save_pretrained(tmp_path)

@@ -24,8 +24,9 @@ from helpers_tiny import (
     write_jsonl,
 )
 
+from minirlhf.config import ConfigError
 from minirlhf.heads import RewardModel
-from minirlhf.lora import disable_adapters, lora_layers
+from minirlhf.lora import LoRALinear, ModulesToSave, disable_adapters, lora_layers
 from minirlhf.losses import gae, group_normalized_advantages, rloo_advantages
 from minirlhf.model import Transformer
 from minirlhf.ppo import (
@@ -37,10 +38,11 @@ from minirlhf.ppo import (
     build_stage,
 )
 from minirlhf.rollout import Rollout, generate_rollout, response_logprobs, text_scorer
-from minirlhf.trainer import Trainer
+from minirlhf.tokenizer import train_sentencepiece
+from minirlhf.trainer import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
-TIME_KEYS = ("time/generate", "time/score", "time/train", "tokens_per_s")
+TIME_KEYS = ("time/generate", "time/score", "time/train", "time/step", "tokens_per_s")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -318,10 +320,131 @@ def test_critic_free_rloo_with_a_python_reward(tiny, tmp_path):
     torch.testing.assert_close(rollout.advantages[:, 0], expected)
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_advantages_are_not_whitened_again_over_tokens(tiny, tmp_path, estimator):
+    """Two prompts x two samples. Prompt 0's samples score alike (1.5, 1.5), prompt 1's differ (0, 2), and the
+    answers have lengths 1, 5, 2, 3. With whiten_advantages = true (the default) and no KL (the log-probs equal
+    the reference's), prompt 0's advantage must be exactly 0 on every token and prompt 1's the estimator's
+    sequence value on each token: GRPO (x - mean) / (std + 1e-6) with std = sqrt(2) -> +-1/sqrt(2);
+    RLOO x - (other) -> -2, +2. A per-token whitening over the rollout would shift prompt 0 by the token mean."""
+    cfg = ppo_config(tiny, tmp_path / "out", f'ppo.estimator="{estimator}"', "ppo.kl_coef=0.05")
+    stage = build_stage(cfg)
+    assert stage.critic is None and cfg.ppo.whiten_advantages
+    lengths = torch.tensor([1, 5, 2, 3])
+    mask = torch.arange(5)[None, :] < lengths[:, None]  # [4, 5]
+    logprobs = -torch.rand(4, 5) * mask
+    rollout = Rollout(input_ids=torch.zeros(4, 7, dtype=torch.long), attention_mask=torch.ones(4, 7, dtype=torch.long),
+                      response_mask=mask, prompt_len=2, logprobs=logprobs, ref_logprobs=logprobs.clone(),
+                      scores=torch.tensor([1.5, 1.5, 0.0, 2.0]))
+    stage.compute_advantages(rollout, kl_coef=0.05)
+    assert torch.equal(rollout.advantages[:2], torch.zeros(2, 5))
+    per_sequence = {"grpo": torch.tensor([-1.0, 1.0]) / (math.sqrt(2.0) + 1e-6), "rloo": torch.tensor([-2.0, 2.0])}
+    torch.testing.assert_close(rollout.advantages[2:], per_sequence[estimator][:, None] * mask[2:])
+    assert rollout.returns is None
+
+
+def test_a_causal_lm_is_refused_as_reward_model_and_accepted_as_critic(tiny, tmp_path, caplog):
+    """A causal LM has no trained score head: as [ppo] reward_model it would hand out random rewards."""
+    cfg = ppo_config(tiny, tmp_path / "out", f"ppo.reward_model={tiny['policy']}")
+    with pytest.raises(ConfigError, match=r"^\[ppo\] reward_model: .* is not a reward model") as err:
+        build_stage(cfg)
+    assert "\n" not in str(err.value)
+    cfg = ppo_config(tiny, tmp_path / "out", f"ppo.critic_model={tiny['policy']}")
+    with caplog.at_level("INFO", logger="minirlhf.heads"):
+        stage = build_stage(cfg)
+    assert any("is a causal LM" in r.getMessage() and "starts fresh" in r.getMessage() for r in caplog.records)
+    # the critic's backbone is the policy's, its head a fresh one
+    torch.testing.assert_close(stage.critic.backbone.embed_tokens.weight, stage.policy.embed_tokens.weight)
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("lora, critic_targets", [
+    ('lora.target_modules=["q_proj", "v_proj", "lm_head"]', ("q_proj", "v_proj")),
+    ('lora.modules_to_save=["lm_head"]', ALL_LINEAR),  # with the default target_modules = "all-linear"
+    ('lora.target_modules=["lm_head"]', ()),
+])
+def test_lm_head_in_lora_settings_leaves_it_out_of_the_critic(tiny, tmp_path, lora, critic_targets):
+    """The critic (no LM head) takes the policy's [lora] settings minus lm_head; with nothing else to adapt,
+    its backbone stays frozen and only the value head trains. One step runs and the critic is saved."""
+    cfg = ppo_config(tiny, tmp_path / "out", "lora.enabled=true", "lora.r=4", lora, "train.max_steps=1")
+    stage = build_stage(cfg)
+    assert isinstance(stage.policy.lm_head, (LoRALinear, ModulesToSave))
+    adapted = {name.rpartition(".")[2] for name, _ in lora_layers(stage.critic)}
+    assert adapted == set(critic_targets)
+    assert any(p.requires_grad for p in stage.critic.backbone.parameters()) == bool(critic_targets)
+    assert stage.critic.head.weight.requires_grad
+    Trainer(cfg, stage, "cpu").fit()
+    assert (tmp_path / "out" / "critic" / "config.json").exists()
+
+
+def test_reward_norm_rm_uses_the_reward_models_saved_statistics(tiny, tmp_path):
+    """reward_norm = "rm": score' = (score - mean) / std with the rm stage's numbers, fixed for the run."""
+    torch.manual_seed(1)
+    rm = RewardModel(tiny_model_config(tiny["tok"]))
+    rm.reward_mean, rm.reward_std = 0.25, 4.0
+    rm.save_pretrained(tmp_path / "rm_stats")
+    cfg = ppo_config(tiny, tmp_path / "out", f"ppo.reward_model={tmp_path / 'rm_stats'}", 'ppo.reward_norm="rm"')
+    stage = build_stage(cfg)
+    torch.manual_seed(0)
+    rollout = first_rollout(stage, Trainer(cfg, stage, "cpu"))
+    torch.testing.assert_close(rollout.scores, (rollout.raw_scores - 0.25) / 4.0)
+    assert rollout.raw_scores.std() > 1e-3
+    # a reward model without statistics (the fixture's) cannot be normalised by them
+    cfg = ppo_config(tiny, tmp_path / "out", 'ppo.reward_norm="rm"')
+    with pytest.raises(ConfigError, match="minirlhf_reward_stats"):
+        build_stage(cfg)
+
+
+def test_a_reward_model_of_another_vocabulary_is_refused(tiny, tmp_path):
+    """A smaller embedding table would crash with IndexError while scoring; one of the same size with another
+    tokenizer would score the policy's ids as other tokens. Both stop at build time, naming both sides."""
+    torch.manual_seed(1)
+    RewardModel(tiny_model_config(tiny["tok"], vocab_size=200)).save_pretrained(tmp_path / "small_rm")
+    cfg = ppo_config(tiny, tmp_path / "out", f"ppo.reward_model={tmp_path / 'small_rm'}")
+    with pytest.raises(ConfigError, match=r"^\[ppo\] reward_model: the tokenizer at .* has 300 tokens but the model "
+                                          r".*small_rm only 200 embeddings"):
+        build_stage(cfg)
+
+    other = train_sentencepiece([f"Completely different words number {i} here." for i in range(200)],
+                                str(tmp_path / "other_tok"), vocab_size=300, chat_template="chatml", num_threads=1)
+    assert other.vocab_size == 300
+    RewardModel(tiny_model_config(other)).save_pretrained(tmp_path / "other_rm", tokenizer=other)
+    cfg = ppo_config(tiny, tmp_path / "out", f"ppo.critic_model={tmp_path / 'other_rm'}")
+    with pytest.raises(ConfigError, match=r"^\[ppo\] critic_model .*other_rm.*encodes text differently"):
+        build_stage(cfg)
+
+
+@pytest.mark.parametrize("poisoned", ["policy", "reward model"])
+def test_a_non_finite_rollout_stops_with_one_line_and_the_last_checkpoint(tiny, tmp_path, poisoned):
+    """Step 1 trains and is checkpointed; before step 2 a weight turns NaN. Sampling from NaN logits (policy)
+    or NaN scores (reward model) stops the run with a TrainingError naming the step and the checkpoint."""
+    cfg = ppo_config(tiny, tmp_path / "out", "train.save_every=1")
+    stage = build_stage(cfg)
+    step = stage.train_step
+
+    def poison_then_step(trainer):
+        if trainer.step == 1:
+            model = stage.policy if poisoned == "policy" else stage.score_fn.reward_model.backbone
+            with torch.no_grad():
+                model.norm.weight.fill_(float("nan"))
+        return step(trainer)
+
+    stage.train_step = poison_then_step
+    torch.manual_seed(0)
+    with pytest.raises(TrainingError) as err:
+        Trainer(cfg, stage, "cpu").fit()
+    message = str(err.value)
+    what = "sampling probabilities" if poisoned == "policy" else "scores"
+    assert message.startswith(f"non-finite {what}") and "\n" not in message, message
+    assert "step 2" in message and str(tmp_path / "out" / "checkpoints" / "step-0000001") in message
+
+
 def test_resume_matches_a_straight_run(tiny, tmp_path):
     """3 straight steps (checkpoint at step 2) vs. resuming that checkpoint: step 3's metrics are equal."""
     extra = ("train.max_steps=3", "train.save_every=2", "train.keep_last=5", "ppo.adaptive_kl=true",
-             "ppo.target_kl=0.01", "ppo.kl_horizon=20", "ppo.reward_norm=true", "ppo.ppo_epochs=2",
+             "ppo.target_kl=0.01", "ppo.kl_horizon=20", "ppo.reward_norm=\"running\"", "ppo.ppo_epochs=2",
              "data.shuffle=true", "train.schedule=\"cosine\"", "train.warmup_steps=1")
     straight = ppo_config(tiny, tmp_path / "a", *extra)
     Trainer(straight, build_stage(straight), "cpu").fit()

@@ -1,8 +1,13 @@
 """minirlhf.rm: the loss against losses.py on float64 scores from transformers, learning, and the saved
 reward model: transformers' AutoModelForSequenceClassification and our RewardModel reload it with the
-same scores (a head that silently reloads with random weights would fail), and its recorded score stats
-are the mean and std of those scores over the training pairs.
+same scores (a head that silently reloads with random weights would fail), also when the tokenizer pads
+with its eos token, and its recorded score stats are the mean and std of those scores over the training
+pairs. A causal LM becomes a reward model only when a fresh head is asked for.
 """
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +15,12 @@ import transformers
 from helpers_tiny import preference_rows, tiny_config, tiny_tokenizer, write_jsonl
 
 from minirlhf import losses, rm
-from minirlhf.heads import RewardModel
+from minirlhf.heads import NotARewardModel, RewardModel, export_pad_id
+from minirlhf.lora import lora_layers
+from minirlhf.tokenizer import load_tokenizer
 from minirlhf.trainer import Trainer
+
+REAL = Path("/tmp/real/smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +114,78 @@ def test_saved_reward_model_reloads_with_the_same_scores(tiny, lora):
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"])
     q_saved = hf.model.layers[0].self_attn.q_proj.weight
     assert not torch.allclose(q_saved, base.model.layers[0].self_attn.q_proj.weight)  # adapters merged in
+
+
+def padded(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = [[pad_id] * (width - len(r)) + r if left else r + [pad_id] * (width - len(r)) for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r)) for r in rows]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def test_export_with_pad_equal_to_eos_scores_the_same_token_in_transformers(tiny, tmp_path):
+    """SmolLM2-Instruct's setup: eos = pad = <|im_end|>, the token every scored sequence ends with. transformers
+    reads the rightmost token that is not config.pad_token_id, so with that pad it would score the token before
+    the end. The export declares another pad (here the unk token) in config.json and the tokenizer files, and
+    transformers, padding with the exported tokenizer, then scores what we score, right or left padded."""
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny["model"] / name, tok_dir / name)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        data = json.loads((tok_dir / name).read_text())
+        data.update(eos_token="<|im_end|>", pad_token="<|im_end|>")
+        (tok_dir / name).write_text(json.dumps(data))
+    stage, _ = make_stage(tiny, "pad-eos", f"model.tokenizer={tok_dir}")
+    end = stage.tok.token_to_id("<|im_end|>")
+    assert stage.tok.pad_id == stage.tok.eos_id == end
+    rows = [e[f"{side}_input_ids"] for e in stage.batches.examples[:4] for side in ("chosen", "rejected")]
+    assert all(r[-1] == end for r in rows) and len({len(r) for r in rows}) > 1
+
+    out = tmp_path / "rm"
+    stage.save_final(out)
+    pad = json.loads((out / "config.json").read_text())["pad_token_id"]
+    assert pad == stage.tok.unk_id != end
+    assert transformers.AutoTokenizer.from_pretrained(out).pad_token_id == pad  # what TRL pads with
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    ours = RewardModel.from_pretrained(out).eval()
+    for left in (False, True):
+        ids, mask = padded(rows, pad, left)
+        # transformers counts positions from column 0; a left-padded row needs its own (ours counts from the
+        # first real token), or the scores would differ for a reason other than the position read
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            expected = ours(ids, mask)
+            got = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, 0]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert expected.std() > 1e-3
+    # the check can fail: declared and padded with the eos (the old export), transformers reads another token
+    hf.config.pad_token_id = end
+    ids, mask = padded(rows, end, left=False)
+    with torch.no_grad():
+        moved = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
+    assert (moved - ours(ids, mask)).abs().max() > 1e-2
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="needs the SmolLM2 checkpoint at /tmp/real/smollm2")
+def test_smollm2_reward_models_export_unk_as_pad():
+    tok = load_tokenizer(str(REAL))
+    assert tok.pad_id == tok.eos_id  # <|im_end|>
+    assert export_pad_id(tok) == tok.unk_id == 0  # <|endoftext|>
+
+
+def test_a_causal_lm_loads_as_a_reward_model_only_with_a_fresh_head(tiny, caplog):
+    with pytest.raises(NotARewardModel, match=r"is not a reward model: its config.json names \['LlamaForCausalLM'\]"):
+        RewardModel.from_pretrained(tiny["model"])
+    with caplog.at_level("INFO", logger="minirlhf.heads"):
+        a = RewardModel.from_pretrained(tiny["model"], seed=3, new_head=True)
+    assert any("starts fresh" in r.getMessage() for r in caplog.records)
+    b = RewardModel.from_pretrained(tiny["model"], seed=3, new_head=True)
+    assert torch.equal(a.head.weight, b.head.weight)  # seeded
+    assert a.reward_mean is None  # no statistics until the rm stage records them
+
+
+def test_lm_head_in_lora_targets_is_left_out_of_the_reward_model(tiny):
+    """The reward model's backbone has no LM head: [lora] settings that name it adapt the rest."""
+    stage, _ = make_stage(tiny, "lm-head", "lora.enabled=true", "lora.r=4", 'lora.target_modules=["q_proj", "lm_head"]')
+    assert {n.rpartition(".")[2] for n, _ in lora_layers(stage.model)} == {"q_proj"}

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 from minirlhf.bpe import bytes_to_unicode
 from minirlhf.chat_template import builtin_template
-from minirlhf.tokenizer import load_tokenizer, train_sentencepiece
+from minirlhf.tokenizer import TokenizerError, load_tokenizer, train_sentencepiece
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -257,7 +257,7 @@ def test_special_tokens_from_config_files(dirs, tmp_path):
     with pytest.raises(ValueError, match="eos_token '<nope>' is not in the vocabulary"):
         (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
         load_tokenizer(str(d))
-    with pytest.raises(FileNotFoundError, match="no tokenizer.model, tokenizer.json"):
+    with pytest.raises(TokenizerError, match="no tokenizer.model, tokenizer.json"):
         load_tokenizer(str(tmp_path))
 
 

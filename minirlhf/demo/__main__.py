@@ -2,9 +2,10 @@
 
     data + tokenizer -> pt (fresh tiny llama) -> sft -> rm -> dpo, kto, ppo
 
-Each stage is the real CLI (`train.py --stage S --config configs/demo/S.toml`); at the end the gold
-score of every policy is printed side by side with its KL from the sft policy, and the training curves
-of all stages are drawn into runs/demo/curves.png.
+Each stage is the real CLI (`minirlhf train --stage S --config configs/demo/S.toml`); at the end the gold
+score of every policy (`minirlhf eval` with the gold judge as its reward function, see evaluate.py) is
+printed side by side with its KL from the sft policy, and the training curves of all stages are drawn
+into runs/demo/curves.png.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def prepare(vocab_size: int = 1024) -> None:
 
 
 def run_stage(stage: str, extra: list[str]) -> float:
-    import train
+    from minirlhf.commands import train
 
     start = time.time()
-    args = ["--stage", stage, "--config", str(CONFIGS / f"{stage}.toml")]
+    args = ["--stage", stage, "--config", str(CONFIGS / f"{stage}.toml"), "--overwrite"]  # a rerun starts afresh
     for item in extra:
         args += ["--set", item]
     if train.main(args) != 0:
@@ -82,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts used for the gold score")
     args = p.parse_args(argv)
     stages = [s for s in PIPELINE if s in args.stages.split(",")]
-    sys.path.insert(0, str(REPO))
 
     from minirlhf.demo.evaluate import evaluate_dir
 

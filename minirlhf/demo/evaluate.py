@@ -1,25 +1,26 @@
-"""Score a policy on the demo task: sample answers to held-out prompts, judge them with the gold
-reward, and estimate the policy's KL from a reference policy (the sft model) on those same samples.
+"""Score a policy on the demo task with the machinery of `minirlhf eval` (minirlhf/commands/evaluate.py):
+sample answers to held-out prompts, judge them with the gold reward as a reward function, and measure the
+policy's KL from a reference policy (the sft model) on those same samples.
 
     gold = mean_i gold_reward(prompt_i, answer_i),            answer_i ~ pi(. | prompt_i)
     KL(pi || ref) ~= mean_i sum_t [log pi(y_t | .) - log ref(y_t | .)]   (Monte Carlo, k1)
 
-Samples are drawn at temperature 1 with a fixed seed, the distribution that the RL stages optimise.
+Samples are drawn at temperature 1 with a fixed seed, the distribution that the RL stages optimise, in
+batches of 50 prompts in file order. Nearly the same numbers from the command line (which batches the
+prompts by length, so each prompt draws other random numbers):
+
+    minirlhf eval --policy runs/demo/ppo --reference runs/demo/sft --prompts runs/demo/data/eval_prompts.jsonl \\
+        --reward-functions minirlhf.demo.evaluate:gold --no-greedy --samples 1 --max-new-tokens 48 --seed 1234
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from minirlhf.data import collate_prompts
-from minirlhf.demo.task import gold_score
-from minirlhf.logprobs import label_logprobs
+from minirlhf.demo.task import gold_reward
 from minirlhf.model import Transformer
-from minirlhf.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
@@ -30,56 +31,36 @@ class PolicyReport:
     samples: list[tuple[str, str]]
 
 
+def gold(prompts: Sequence[str], completions: Sequence[str], **fields) -> list[float]:
+    """The demo's judge as a reward function (the grpo / eval convention): gold_reward of each answer."""
+    return [gold_reward(p, c.strip()) for p, c in zip(prompts, completions)]
+
+
 def load_policy(path: str | Path) -> Transformer:
-    """A full model directory, or a LoRA adapter directory on top of its base."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        return Transformer.from_pretrained(path).eval()
-    from minirlhf.lora import load_adapter, merge_and_unload
+    """A full model directory, or a LoRA adapter directory on top of the base it names."""
+    from minirlhf.commands.loading import load_policy as load, resolve_model_paths
 
-    base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return merge_and_unload(load_adapter(Transformer.from_pretrained(base), path)).eval()
-
-
-def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r["prompt"] for r in rows][:limit]
-
-
-@torch.no_grad()
-def evaluate_policy(policy: Transformer, tok: Tokenizer, prompts: list[str], ref: Transformer | None = None,
-                    max_new_tokens: int = 48, batch_size: int = 50, seed: int = 1234) -> PolicyReport:
-    generator = torch.Generator().manual_seed(seed)
-    answers, kls, lengths = [], [], []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i: i + batch_size]
-        encoded = [{"input_ids": tok.apply_chat_template([{"role": "user", "content": p}],
-                                                         add_generation_prompt=True).ids} for p in chunk]
-        prompts_batch = collate_prompts(encoded, tok.pad_id)  # left padded for generation
-        ids, mask = prompts_batch["input_ids"], prompts_batch["attention_mask"]
-        out = policy.generate(ids, mask, max_new_tokens=max_new_tokens, temperature=1.0,
-                              eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id, generator=generator)
-        for row, valid in zip(out.tokens.tolist(), out.mask.tolist()):
-            kept = [t for t, v in zip(row, valid) if v and t not in tok.stop_ids]
-            answers.append(tok.decode(kept, skip_special_tokens=True).strip())
-        lengths += out.mask.sum(-1).tolist()
-        if ref is not None:
-            full_mask = torch.cat([mask, out.mask.long()], 1)
-            labels = torch.where(torch.cat([torch.zeros_like(mask, dtype=torch.bool), out.mask], 1),
-                                 out.sequences, -100)
-            batch = {"input_ids": out.sequences, "attention_mask": full_mask, "labels": labels}
-            diff = label_logprobs(policy, batch) - label_logprobs(ref, batch)
-            kls += diff.sum(-1).tolist()
-    return PolicyReport(
-        gold=gold_score(prompts, answers),
-        kl_from_ref=sum(kls) / len(kls) if kls else None,
-        mean_length=sum(lengths) / len(lengths),
-        samples=list(zip(prompts[:3], answers[:3])),
-    )
+    return load(resolve_model_paths(path))
 
 
 def evaluate_dir(model_dir: str | Path, tokenizer_dir: str | Path, prompts_file: str | Path,
-                 ref_dir: str | Path | None = None, limit: int = 200) -> PolicyReport:
+                 ref_dir: str | Path | None = None, limit: int = 200, max_new_tokens: int = 48,
+                 batch_size: int = 50, seed: int = 1234) -> PolicyReport:
+    """Gold score, KL from ref_dir (when given) and mean answer length of one policy on the first `limit`
+    prompts of prompts_file, one answer each, sampled at temperature 1."""
+    from minirlhf.commands.evaluate import EvalSettings, Side, evaluate
+    from minirlhf.commands.generate import read_prompts
+    from minirlhf.commands.sampling import Sampling
+    from minirlhf.tokenizer import load_tokenizer
+
     tok = load_tokenizer(str(tokenizer_dir))
-    ref = load_policy(ref_dir) if ref_dir else None
-    return evaluate_policy(load_policy(model_dir), tok, read_prompts(prompts_file, limit), ref)
+    prompts = read_prompts(prompts_file, tok)[:limit]
+    policy = Side(str(model_dir), model=load_policy(model_dir), tok=tok)
+    settings = EvalSettings(Sampling(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed), samples=1,
+                            greedy=False, batch_size=batch_size, resamples=0, progress=False,
+                            by_length=False)
+    report = evaluate(policy, prompts, settings, tok=tok, reward_functions=[gold],
+                      reference=load_policy(ref_dir) if ref_dir else None)
+    return PolicyReport(gold=report.value("sampled/gold"), kl_from_ref=report.value("sampled/kl_from_reference"),
+                        mean_length=report.value("sampled/length"),
+                        samples=[(e["prompt"], e["answer"].strip()) for e in report.examples])

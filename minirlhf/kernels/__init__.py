@@ -4,8 +4,11 @@ backend="auto" runs the Triton kernel when the tensors live on CUDA, or on the C
 interpreter (TRITON_INTERPRET=1, set before triton is first imported), and the plain-torch path
 otherwise. "triton" forces the kernel (and raises if it cannot run), "torch" forces the torch path:
 SDPA for attention, and for the LM-head losses the same chunk loop as the kernel with torch ops for the
-rows (`*_chunked`), so that no path holds the [N, V] logits. Under autocast the LM-head matmul runs in
-the autocast dtype, as nn.Linear would.
+rows (`*_chunked`), so that no path holds the [N, V] logits.
+
+Under autocast the three functions behave like torch's own matmul and attention ops do there: their
+floating-point inputs are cast to the autocast dtype first (bf16 under `[train] precision`), so both
+backends compute in the same precision and see one dtype, whatever dtype the weights are stored in.
 The kernel modules import triton inside a try, so minirlhf runs where triton is not installed.
 
 The submodules are imported here, before `def attention`, on purpose: importing the submodule
@@ -36,6 +39,16 @@ from minirlhf.kernels.cross_entropy import (
 _BACKENDS = ("auto", "triton", "torch")
 
 
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The floating-point tensors cast to the autocast dtype when autocast is on for their device (as
+    autocast casts a matmul's or SDPA's operands), unchanged otherwise; integer tensors pass through."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def _use_triton(backend: str, device: torch.device, op: str) -> bool:
     """Decide the backend for one call; errors name the op and the reason."""
     if backend not in _BACKENDS:
@@ -62,20 +75,11 @@ def attention(
     """Causal grouped-query attention. q: [B, Hq, T, D], k, v: [B, Hkv, T, D] (Hq a multiple of Hkv),
     document_ids: [B, T] int or None (query i sees key j iff j <= i and both are in one document;
     left padding is document_ids = attention_mask). scale defaults to 1/sqrt(D). Returns [B, Hq, T, D]."""
+    q, k, v = _autocast_inputs(q, k, v)
     check_attention_inputs(q, k, v, document_ids)
     if _use_triton(backend, q.device, "attention"):
         return attention_triton(q, k, v, document_ids, scale)
     return attention_torch(q, k, v, document_ids, scale)
-
-
-def _autocast_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden and weight in the autocast dtype when autocast is on for their device (the casts are
-    differentiable, so the gradients reach the float32 leaves as they would through nn.Linear)."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return hidden.to(dtype), weight.to(dtype)
-    return hidden, weight
 
 
 def linear_cross_entropy(
@@ -84,13 +88,13 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of softmax(hidden @ weight.T) against labels. hidden: [N, H], weight: [V, H],
     labels: [N]. reduction "mean" (over non-ignored tokens) | "sum" -> scalar fp32; "none" -> [N] fp32."""
+    hidden, weight = _autocast_inputs(hidden, weight)
     check_linear_inputs(hidden, weight, labels)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"kernels.linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     fn = (linear_cross_entropy_triton if _use_triton(backend, hidden.device, "linear_cross_entropy")
           else linear_cross_entropy_chunked)
-    hidden, weight = _autocast_operands(hidden, weight)
-    with torch.autocast(hidden.device.type, enabled=False):
+    with torch.autocast(hidden.device.type, enabled=False):  # the chunks' matmuls write into their buffers
         return fn(hidden, weight, labels, ignore_index, reduction)
 
 
@@ -100,11 +104,11 @@ def linear_logprobs(
 ) -> torch.Tensor:
     """log softmax(hidden @ weight.T / temperature)[label] per token. hidden: [N, H], weight: [V, H],
     labels: [N] -> [N] fp32, 0 where labels == ignore_index. Differentiable w.r.t. hidden and weight."""
+    hidden, weight = _autocast_inputs(hidden, weight)
     check_linear_inputs(hidden, weight, labels)
     if not temperature > 0:
         raise ValueError(f"kernels.linear_logprobs: temperature must be > 0, got {temperature}")
     fn = linear_logprobs_triton if _use_triton(backend, hidden.device, "linear_logprobs") else linear_logprobs_chunked
-    hidden, weight = _autocast_operands(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return fn(hidden, weight, labels, temperature, ignore_index)
 

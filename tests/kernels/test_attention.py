@@ -100,8 +100,12 @@ def test_kernel_matches_float64(B, Hq, Hkv, T, D, docs, dtype):
     assert torch.isfinite(lse).all() and torch.isfinite(delta).all()
     assert rel_err(out, ref) <= bound, f"out: {rel_err(out, ref):.2e} > {bound:.0e}"
     assert rel_err(dv, v64.grad) <= bound, f"dv: {rel_err(dv, v64.grad):.2e} > {bound:.0e}"
-    if T == 1:  # one key: softmax is 1 whatever q, k are, so their gradients are exactly 0
-        assert (dq == 0).all() and (dk == 0).all()
+    if T == 1:
+        # one key: softmax is 1 whatever q, k are, so their true gradients are 0. The kernel's are
+        # P * (dP - delta) * k with dP = dO.v and delta = dO.O = dO.v summed in another order, so they
+        # are 0 only up to that rounding, which differs between CPUs (exactly 0 on some, ~1e-8 on others)
+        tol = bound * dv.abs().max().item()
+        assert dq.abs().max() <= tol and dk.abs().max() <= tol
         return
     assert rel_err(dq, q64.grad) <= bound, f"dq: {rel_err(dq, q64.grad):.2e} > {bound:.0e}"
     assert rel_err(dk, k64.grad) <= bound, f"dk: {rel_err(dk, k64.grad):.2e} > {bound:.0e}"
