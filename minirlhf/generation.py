@@ -101,6 +101,9 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     core); this draws one number per row. The cumulative sum is float64 so that the last of 49k
     entries still gets its probability. Returns [B] long."""
     cdf = probs.double().cumsum(-1)  # (B, m)
+    if cdf.device.type == "cpu" and not bool(torch.isfinite(cdf[:, -1]).all()):  # (no sync on a GPU)
+        # the message torch.multinomial gives, which callers (ppo) recognise
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
     u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
 

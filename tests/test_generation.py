@@ -76,3 +76,10 @@ def test_sampling_is_reproducible_and_respects_the_filter():
     # the log-prob is that of the unfiltered temperature-scaled distribution (see GenerationOutput)
     want = torch.log_softmax(logits / 0.8, -1).gather(-1, a[0][:, None])[:, 0]
     torch.testing.assert_close(a[1], want)
+
+
+def test_non_finite_probabilities_raise_as_multinomial_does():
+    """ppo turns this RuntimeError into its one-line "non-finite sampling probabilities" error."""
+    logits = torch.tensor([[0.0, float("nan"), 1.0]])
+    with pytest.raises(RuntimeError, match="inf.*nan"):
+        sample_next(logits, 1.0, None, None, None)
