@@ -33,19 +33,33 @@ test-fast: $(STAMP)
 test-kernels: $(STAMP)
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/kernels
 
-bench: $(STAMP)
-	$(PYTHON) benchmarks/generate.py
+# Speed and memory against transformers / peft / TRL on the real SmolLM2-135M-Instruct (built here once,
+# from ../shared, when missing), on whatever machine this is: generation (benchmarks/generate.py), the
+# sft / lora / dpo / ppo training steps and the chunked LM-head loss (benchmarks/train_step.py), the
+# tokenizer and checkpoint loading. Each script appends its rows to benchmarks/RESULTS.md; the table of
+# this run's ratios is printed at the end. Each script also runs alone, one section at a time (--help).
+REAL_MODEL ?= /tmp/real/smollm2
+SHARED ?= ../shared
+
+$(REAL_MODEL)/config.json:
+	PYTHON=$(PYTHON) bash $(SHARED)/real-models/smollm2.sh $(REAL_MODEL)
+
+bench: $(STAMP) $(REAL_MODEL)/config.json
+	@$(PYTHON) benchmarks/results.py --mark > .bench-start
+	$(PYTHON) benchmarks/generate.py --model $(REAL_MODEL) --section all
+	$(PYTHON) benchmarks/train_step.py --model $(REAL_MODEL) --section all
 	$(PYTHON) benchmarks/tokenizer.py
 	$(PYTHON) benchmarks/load_memory.py
-	$(PYTHON) benchmarks/train_step.py
-	$(PYTHON) benchmarks/kernels.py
+	@$(PYTHON) benchmarks/results.py --since $$(cat .bench-start); rm -f .bench-start
 
 # Everything only a GPU can tell, in one call: kernel TFLOP/s and memory against SDPA and naive
 # cross-entropy, ~1B training MFU, one-GPU FSDP throughput. Each prints a note and exits 0 without CUDA.
 bench-gpu: $(STAMP)
+	@$(PYTHON) benchmarks/results.py --mark > .bench-start
 	$(PYTHON) benchmarks/kernels.py
-	$(PYTHON) benchmarks/train_step.py
+	$(PYTHON) benchmarks/train_step.py --section mfu
 	$(PYTHON) benchmarks/fsdp_throughput.py
+	@$(PYTHON) benchmarks/results.py --since $$(cat .bench-start); rm -f .bench-start
 
 # ruff pinned, with the rules of pyproject.toml: pycodestyle, pyflakes, import order, bugbear, complexity <= 12
 lint:

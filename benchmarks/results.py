@@ -5,10 +5,14 @@ with `from results import ...`. Standard library only: load_memory.py measures a
 from the moment torch is imported, and importing this must not move that baseline.
 
     append_rows([[today(), what, shape, time, throughput, ratio, memory, device, versions("torch")]])
+
+Run as a script it prints what `make bench` shows at the end: `--mark` prints how many lines RESULTS.md
+has, `--since N` the rows appended after line N as a table of ratios.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib
 import platform
@@ -25,6 +29,8 @@ named in `what`, measured in the same run on the same machine; >1 means ours is 
 |---|---|---|---|---|---|---|---|---|
 """
 COLUMNS = 9  # the header's columns, in its order
+# the real checkpoint the speed benchmarks run on; `make bench` builds it with ../shared/real-models/smollm2.sh
+REAL_MODEL = Path("/tmp/real/smollm2")
 
 
 def append_rows(rows: list[list[str]], path: Path = RESULTS) -> None:
@@ -59,3 +65,38 @@ def versions(*names: str) -> str:
         version = platform.python_version() if name == "python" else importlib.import_module(name).__version__
         parts.append(f"{name} {version}")
     return ", ".join(parts)
+
+
+def require_model(path: Path) -> None:
+    """Exit with a one-line hint when the benchmark's model directory is missing."""
+    if not (Path(path) / "config.json").is_file():
+        raise SystemExit(f"{path}: no model directory here; build it with `bash ../shared/real-models/smollm2.sh "
+                         f"{path}` (what `make bench` does), or pass --model DIR")
+
+
+def ratio_table(rows: list[list[str]]) -> str:
+    """what | shape | ratio | memory of RESULTS.md rows, aligned for a terminal."""
+    cells = [[r[1], r[2], r[5], r[6]] for r in rows]
+    header = ["what", "shape", "ratio", "memory"]
+    widths = [min(100, max(len(c[i]) for c in cells + [header])) for i in range(4)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c[i][:widths[i]].ljust(widths[i]) for i in range(4)) for c in cells]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="RESULTS.md helpers for `make bench`")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--mark", action="store_true", help="print the number of lines of RESULTS.md")
+    group.add_argument("--since", type=int, metavar="N", help="print the rows after line N as a table")
+    args = parser.parse_args()
+    lines = RESULTS.read_text().splitlines() if RESULTS.exists() else []
+    if args.mark:
+        print(len(lines))
+        return
+    rows = [[c.strip() for c in ln.strip().strip("|").split(" | ")] for ln in lines[args.since:] if ln.startswith("| ")]
+    print(ratio_table(rows) if rows else "no rows appended")
+
+
+if __name__ == "__main__":
+    main()

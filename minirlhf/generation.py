@@ -8,11 +8,13 @@ marked invalid in the returned mask.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from minirlhf.inference_weights import inference_weights, worth_fusing
 from minirlhf.model import Transformer, positions_from_mask
 
 
@@ -33,22 +35,77 @@ class GenerationOutput:
     mask: torch.Tensor
 
 
+NUCLEUS_CANDIDATES = 1024  # top-p looks at the best this many tokens first (see filter_logits)
+
+
+def _nucleus(sorted_logits: torch.Tensor, log_total: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which of the best-first logits [B, m] stay in the top-p nucleus (Holtzman et al. 2020, section 3.1):
+    those whose better-ranked tokens hold less than top_p of the probability (log_total [B, 1]: the
+    log-sum-exp over all candidates). The most likely token always stays. Returns [B, m] bool."""
+    probs = (sorted_logits - log_total).exp()
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+    return mass_before < top_p
+
+
+def _top_candidates(logits: torch.Tensor, top_k: int | None, top_p: float | None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tokens that survive top-k and the top-p nucleus, best first: (logits [B, m] with -inf for
+    the dropped ones, their token ids [B, m]); None when nothing is filtered.
+
+    The most likely token always survives; a token tied with the k-th is kept. Sorting all V logits
+    each step was what sampling cost most (80 ms a step for 32 rows of a 49k vocabulary on one CPU
+    core), so the nucleus is looked for among the top-k, or without top-k among the best
+    NUCLEUS_CANDIDATES tokens when they hold top_p of the probability in every row (exact: every token
+    outside them ranks after them); only otherwise are all V sorted.
+    """
+    V = logits.shape[-1]
+    k = top_k if top_k is not None and 0 < top_k < V else None
+    nucleus = top_p is not None and top_p < 1.0
+    if k is None and not nucleus:
+        return None
+    best, order = torch.topk(logits, k if k is not None else min(V, NUCLEUS_CANDIDATES), dim=-1)  # (B, m)
+    if k is not None:
+        kth = best[:, -1:]
+        kept = int((logits >= kth).sum(-1).max())
+        if kept > k:  # ties with the k-th value (common in bf16) are kept too: widen to all of them
+            best, order = torch.topk(logits, kept, dim=-1)
+            best = best.masked_fill(best < kth, float("-inf"))
+        if not nucleus:
+            return best, order
+        keep = _nucleus(best, best.logsumexp(-1, keepdim=True), top_p)
+    else:
+        keep = _nucleus(best, logits.logsumexp(-1, keepdim=True), top_p)
+        if best.shape[-1] < V and bool((keep.sum(-1) == best.shape[-1]).any()):  # the nucleus may go on
+            best, order = torch.sort(logits, dim=-1, descending=True)
+            keep = _nucleus(best, logits.logsumexp(-1, keepdim=True), top_p)
+    return best.masked_fill(~keep, float("-inf")), order
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set to -inf the logits outside the top-k and outside the top-p nucleus (Holtzman et al. 2020).
 
-    logits: [B, V] -> [B, V]. The most likely token always survives.
+    logits: [B, V] -> [B, V]. The most likely token always survives; a token tied with the k-th is kept.
     """
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
-        remove_sorted = mass_before >= top_p
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
+    found = _top_candidates(logits, top_k, top_p)
+    if found is None:
+        return logits
+    best, order = found
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, best > float("-inf"))
+    return logits.masked_fill(~kept, float("-inf"))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of probs [B, m] (rows summing to 1), by inverting the cumulative distribution
+    at a uniform draw: index i when cdf[i-1] <= u < cdf[i], so zero-probability entries are never drawn.
+    torch.multinomial draws one exponential variable per entry instead (25 ms for 32 x 49k on a CPU
+    core); this draws one number per row. The cumulative sum is float64 so that the last of 49k
+    entries still gets its probability. Returns [B] long."""
+    cdf = probs.double().cumsum(-1)  # (B, m)
+    if cdf.device.type == "cpu" and not bool(torch.isfinite(cdf[:, -1]).all()):  # (no sync on a GPU)
+        # the message torch.multinomial gives, which callers (ppo) recognise
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
 
 
 def sample_next(
@@ -67,9 +124,51 @@ def sample_next(
         tokens = logits.argmax(-1)
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
     scaled = logits / temperature
-    probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    candidates = _top_candidates(scaled, top_k, top_p)
+    if candidates is None:
+        tokens = draw(scaled.softmax(-1), generator)
+    else:  # draw among the survivors only
+        best, order = candidates
+        tokens = order.gather(-1, draw(best.softmax(-1), generator)[:, None])[:, 0]
     return tokens, F.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0]
+
+
+def cache_mask(key_is_real: torch.Tensor, start: int, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask for t queries written at cache slots start..start+t: [B, S] bool (True = a real
+    token; pads and unwritten slots False) -> [B, 1, t, S], 0 where a query may attend, -inf elsewhere.
+
+    Query i sees slot j iff j <= i and both are real or both are pads (a pad query then still has a
+    key, so no attention row is empty; pads never reach a real token's result).
+    """
+    S = key_is_real.shape[1]
+    slots = torch.arange(S, device=key_is_real.device)
+    causal = slots[None, :] <= slots[start: start + t, None]  # (t, S)
+    same_kind = key_is_real[:, start: start + t, None] == key_is_real[:, None, :]  # (B, t, S)
+    mask = torch.zeros(key_is_real.shape[0], 1, t, S, dtype=dtype, device=key_is_real.device)
+    return mask.masked_fill_(~(causal & same_kind)[:, None], float("-inf"))
+
+
+def prefill_mask(prompt_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """`cache_mask` of the prompt pass: [B, P] bool (True = real token) -> [B, 1, P, cache_len]."""
+    return cache_mask(F.pad(prompt_mask, (0, cache_len - prompt_mask.shape[1])), 0, prompt_mask.shape[1], dtype)
+
+
+def step_mask(prompt_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask of a one-token step before any new token is written: [B, P] -> [B, 1, 1, cache_len],
+    0 on real prompt slots, -inf on pads and unwritten slots. The loop opens one slot a step in place,
+    so the mask is never rebuilt."""
+    key_is_real = F.pad(prompt_mask, (0, cache_len - prompt_mask.shape[1]))  # (B, S)
+    mask = torch.zeros(key_is_real.shape, dtype=dtype, device=prompt_mask.device)
+    return mask.masked_fill_(~key_is_real, float("-inf"))[:, None, None, :]
+
+
+def compiled_step(model: Transformer):
+    """model.decode_step under torch.compile: inductor on CPU, CUDA graphs (mode="reduce-overhead") on
+    GPU. The first call of a generation shape compiles (tens of seconds on a CPU; see
+    benchmarks/generate.py --compile for the measured time); later calls with the same batch, cache
+    length and dtype reuse it."""
+    mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else None
+    return torch.compile(model.decode_step, dynamic=False, mode=mode)
 
 
 @torch.no_grad()
@@ -84,10 +183,18 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    fused_weights: bool | None = None,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Continue left-padded prompts input_ids [B, P] (attention_mask [B, P], 1 = real) by up to
     max_new_tokens tokens each, stopping each row at its first stop token (eos_token_id, defaulting to
-    the model config's eos; a list means any of them)."""
+    the model config's eos; a list means any of them).
+
+    fused_weights: decode with fused, LoRA-folded and (on CPU) prepacked copies of the weights
+    (minirlhf/inference_weights.py: faster, one more copy of the weights while this runs); None = where
+    that pays (`worth_fusing`; never while FSDP holds the weights sharded). compile: run each step
+    through `compiled_step`.
+    """
     B, P = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -99,35 +206,47 @@ def generate(
     stop_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=device)
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     pad = pad if pad is not None else (int(stop_ids[0]) if len(stop_ids) else 0)
+    if fused_weights is None:
+        fused_weights = worth_fusing(model, B)
 
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     valid = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
-    key_is_real = torch.cat([prompt_mask, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
+    S = P + max_new_tokens
+    dtype = model.embed_tokens.weight.dtype
 
     was_training = model.training
     model.eval()
-    model.setup_kv_cache(B, P + max_new_tokens)
+    model.setup_kv_cache(B, S)
     try:
-        hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask), 0, key_is_real)
-        logits = model.lm_head(hidden[:, -1])  # (B, V)
-        next_pos = prompt_mask.sum(-1)  # (B,)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        steps = 0
-        for step in range(max_new_tokens):
-            tok, logp = sample_next(logits, temperature, top_k, top_p, generator)
-            alive = ~finished
-            tokens[:, step] = torch.where(alive, tok, pad)
-            logprobs[:, step] = torch.where(alive, logp, 0.0)
-            valid[:, step] = alive
-            finished = finished | (alive & torch.isin(tok, stop_ids))
-            steps = step + 1
-            # checking for "all done" syncs with the device, so do it every few steps only
-            if step == max_new_tokens - 1 or (step % 4 == 3 and bool(finished.all())):
-                break
-            hidden = model.decode_step(tokens[:, step : step + 1], next_pos[:, None], P + step, key_is_real)
-            logits = model.lm_head(hidden[:, -1])
-            next_pos = next_pos + 1
+        prepack = not compile and not torch.is_autocast_enabled(device.type)
+        with inference_weights(model, B, prepack) if fused_weights else nullcontext() as frozen_head:
+            head = frozen_head or model.lm_head
+            step = compiled_step(model) if compile else model.decode_step
+            hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask),
+                                       torch.arange(P, device=device), prefill_mask(prompt_mask, S, dtype))
+            logits = head(hidden[:, -1])  # (B, V): the LM head on the last position only
+            mask = step_mask(prompt_mask, S, dtype)  # (B, 1, 1, S)
+            slot = torch.full((1,), P, dtype=torch.long, device=device)
+            next_pos = prompt_mask.sum(-1, keepdim=True)  # (B, 1)
+            finished = torch.zeros(B, dtype=torch.bool, device=device)
+            steps = 0
+            for i in range(max_new_tokens):
+                tok, logp = sample_next(logits, temperature, top_k, top_p, generator)
+                alive = ~finished
+                tokens[:, i] = torch.where(alive, tok, pad)
+                logprobs[:, i] = torch.where(alive, logp, 0.0)
+                valid[:, i] = alive
+                finished = finished | (alive & torch.isin(tok, stop_ids))
+                steps = i + 1
+                # checking for "all done" syncs with the device, so do it every few steps only
+                if i == max_new_tokens - 1 or (i % 4 == 3 and bool(finished.all())):
+                    break
+                mask.index_fill_(-1, slot, 0.0)  # the new token's slot becomes visible
+                hidden = step(tokens[:, i: i + 1], next_pos, slot, mask)
+                logits = head(hidden[:, -1])
+                next_pos += 1
+                slot += 1
     finally:
         model.clear_kv_cache()
         model.train(was_training)

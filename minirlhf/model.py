@@ -235,6 +235,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, Hkv * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * d, config.hidden_size, bias=config.o_bias)
         self.kv_cache: KVCache | None = None
+        # set by generation for its duration (minirlhf/inference_weights.py): q, k, v in one matmul
+        self.frozen_qkv = self.frozen_o = None
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, T, C] -> q [B, T, H*d], k and v [B, T, Hkv*d]."""
+        if self.frozen_qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.n_kv_heads * self.head_dim
+        return self.frozen_qkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(self, x: torch.Tensor, rope: Rope | None, document_ids: torch.Tensor | None,
                 cache_slots: torch.Tensor | None, cache_mask: torch.Tensor | None, backend: str) -> torch.Tensor:
@@ -242,9 +251,10 @@ class Attention(nn.Module):
         or None; with a KV cache, the new keys and values go to cache_slots [T], cache_mask [B, 1, T, S] hiding
         what a query must not see."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kv_cache is None:
@@ -253,7 +263,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_slots, k, v)  # (B, Hkv, S_max, d)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*d)
-        return self.o_proj(y)
+        return (self.frozen_o or self.o_proj)(y)
 
 
 class MLP(nn.Module):
@@ -266,8 +276,16 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        # set by generation for its duration (minirlhf/inference_weights.py): gate and up in one matmul
+        self.frozen_in = self.frozen_down = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen_in is not None:
+            h = self.frozen_in(x)  # (B, T, 2I) gate and up, or GPT-2's (B, T, I)
+            if self.gated:
+                gate, up = h.chunk(2, dim=-1)
+                return self.frozen_down(F.silu(gate) * up)
+            return self.frozen_down(F.gelu(h, approximate="tanh"))
         if self.gated:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
@@ -399,32 +417,15 @@ class Transformer(nn.Module):
         self.kv_cache_inv_freq = None
 
     def decode_step(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache_start: int,
-        key_is_real: torch.Tensor,
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """Run t new tokens through the KV cache and return their hidden states.
+        """Run t new tokens through the KV cache and return their hidden states [B, t, hidden_size].
 
-        input_ids, positions: [B, t]; the new tokens sit at cache slots cache_start..cache_start+t.
-        key_is_real: [B, S] bool with S >= cache_start + t, False for pad slots (later slots are
-        ignored, so the caller may pass the whole cache's [B, S_max] once). A query attends to earlier
-        slots of the same kind (real to real, pad to pad), so no attention row is ever empty.
-        Returns [B, t, hidden_size].
+        input_ids, positions: [B, t]; slots: [t] long, the cache slots the new keys and values go to;
+        mask: [B, 1, t, S_max] additive (0 where a query may attend a slot, -inf elsewhere, unwritten
+        slots included), in the cache's dtype; minirlhf/generation.py builds it. Tensors only, of fixed
+        shapes while a generation lasts, so a compiled step is traced once.
         """
-        t, device = input_ids.shape[1], input_ids.device
-        S_max = self.layers[0].self_attn.kv_cache.k.shape[2]  # the preallocated cache length
-        if key_is_real.shape[1] < S_max:  # the slots not written yet; the causal mask hides them
-            key_is_real = F.pad(key_is_real, (0, S_max - key_is_real.shape[1]))
-        slots = torch.arange(cache_start, cache_start + t, device=device)  # (t,)
-        causal = torch.arange(S_max, device=device)[None, :] <= slots[:, None]  # (t, S_max)
-        query_is_real = key_is_real[:, cache_start : cache_start + t]  # (B, t)
-        same_kind = query_is_real[:, :, None] == key_is_real[:, None, :]  # (B, t, S_max)
-        allowed = (causal[None] & same_kind)[:, None]  # (B, 1, t, S_max)
-        # additive form, built once here rather than by every layer's attention from the bool mask
-        mask = torch.zeros(allowed.shape, dtype=self.embed_tokens.weight.dtype, device=device)
-        mask.masked_fill_(~allowed, float("-inf"))
         return self._decode(input_ids, positions, cache_slots=slots, cache_mask=mask,
                             inv_freq=self.kv_cache_inv_freq)
 

@@ -28,14 +28,21 @@ def test_demo_sft_raises_the_gold_score(tmp_path):
           "--set", "train.eval_every=0"]
     assert train.main(["--stage", "pt", "--config", str(CONFIGS / "pt.toml"), *pt]) == 0
     sft = ["--set", f"model.path={tmp_path / 'pt'}", "--set", f'data.train_files=["{data["sft"]}"]',
-           "--set", f"train.output_dir={tmp_path / 'sft'}", "--set", "train.max_steps=150",
+           "--set", f"train.output_dir={tmp_path / 'sft'}", "--set", "train.max_steps=400",
            "--set", "train.eval_every=0"]
     assert train.main(["--stage", "sft", "--config", str(CONFIGS / "sft.toml"), *sft]) == 0
 
-    before = evaluate_dir(tmp_path / "pt", tmp_path / "tok", data["eval"], limit=100)
-    after = evaluate_dir(tmp_path / "sft", tmp_path / "tok", data["eval"], limit=100,
-                         ref_dir=tmp_path / "sft")
-    # the pt model rambles on (too long, no stop); sft answers in one or two sentences and stops
-    assert after.mean_length < before.mean_length
-    assert after.gold > before.gold + 0.05, (before.gold, after.gold)
+    before = evaluate_dir(tmp_path / "pt", tmp_path / "tok", data["eval"], limit=200)
+    after = evaluate_dir(tmp_path / "sft", tmp_path / "tok", data["eval"], limit=200, ref_dir=tmp_path / "sft")
+    # Margins from the spread measured over seeds 42, 1, 2 x torch threads 1, 2 in training and in this
+    # evaluation (6 pt -> sft runs, each scored with 1 and 2 threads):
+    # - the shortened pt model writes fragments and runs past two sentences in 17-70% of its answers;
+    #   sft's answers are in the task's form in 96-100% (the fraction of 200 answers has a standard error
+    #   of ~0.015 there), so 0.85 leaves seven of them;
+    # - sft's gold gain over pt was +0.08 .. +0.54 (bimodal: some runs also learn to name the topic); the
+    #   gain of two 200-answer means has a standard error of ~0.03, so the bound is 2 below the smallest.
+    # An earlier version asserted that sft answers are shorter: they are not (the pt model stops early
+    # too), and that assertion failed on other CPUs.
+    assert after.well_formed >= 0.85, (before.well_formed, after.well_formed)
+    assert after.gold > before.gold + 0.02, (before.gold, after.gold)
     assert after.kl_from_ref == pytest.approx(0.0, abs=1e-4)  # a policy against itself

@@ -249,3 +249,94 @@ def test_error_no_weights(tmp_path):
 def test_gqa_config_validation():
     with pytest.raises(ValueError, match="multiple of"):
         ModelConfig(num_attention_heads=4, num_key_value_heads=3, hidden_size=32)
+
+
+# --------------------------------------------------------------------------------------------------
+# generation on fused / prepacked weights (minirlhf/inference_weights.py)
+
+
+def generate_both_ways(model, ids, mask, **kw):
+    """Greedy generation with the modules' own weights and with the fused, prepacked ones."""
+    kw = {"max_new_tokens": 5, "temperature": 0, "eos_token_id": [], "pad_token_id": 0, **kw}
+    plain = model.generate(ids, mask, fused_weights=False, **kw)
+    fused = model.generate(ids, mask, fused_weights=True, **kw)
+    return plain, fused
+
+
+def test_fused_generation_equals_modules(pair):
+    """Stacked q/k/v and gate/up, biases (gpt2, qwen2) and oneDNN's prepacked layout change only the
+    float32 rounding: same tokens, log-probs to 1e-5."""
+    _, _, ours, _ = pair
+    ids, mask = batch()
+    plain, fused = generate_both_ways(ours, ids, mask)
+    assert torch.equal(plain.tokens, fused.tokens)
+    torch.testing.assert_close(fused.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
+    for layer in ours.layers:  # the fused weights are gone again
+        assert layer.self_attn.frozen_qkv is None and layer.mlp.frozen_in is None
+
+
+def test_fused_generation_folds_lora(tmp_path):
+    """An active adapter is folded into the fused weights as W + s B A (dropout off in generation)."""
+    from minirlhf.lora import LoRAConfig, inject_lora
+
+    hf = hf_model("llama_gqa")
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    inject_lora(ours, LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    ours.train()
+    ids, mask = batch()
+    plain, fused = generate_both_ways(ours, ids, mask)
+    assert torch.equal(plain.tokens, fused.tokens)
+    torch.testing.assert_close(fused.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
+    assert ours.training  # generate restores the mode it found
+    with torch.no_grad():  # and the adapter did change the result
+        base = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
+    assert not torch.equal(base, fused.tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_linear_equals_linear(dtype):
+    from minirlhf.inference_weights import FrozenLinear
+
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+    x = torch.randn(3, 5, 24, generator=g).to(dtype)
+    for batch_hint in (1, 3, 8):
+        got = FrozenLinear(weight, bias, batch_hint)(x)
+        want = torch.nn.functional.linear(x, weight, bias)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_generation_mask_is_opened_in_place():
+    """The one-token steps' mask starts with the real prompt slots open and opens one slot a step,
+    matching the rule of the prefill mask (real queries see earlier real slots)."""
+    from minirlhf.generation import prefill_mask, step_mask
+
+    prompt = torch.tensor([[False, True, True], [True, True, True]])
+    pre = prefill_mask(prompt, 5, torch.float32)  # (2, 1, 3, 5)
+    step = step_mask(prompt, 5, torch.float32)  # (2, 1, 1, 5)
+    # the last prompt query of each row sees exactly what a step's query sees before it writes slot 3
+    assert torch.equal(pre[:, :, -1], step[:, :, 0])
+    assert torch.equal(step[0, 0, 0] == 0, torch.tensor([False, True, True, False, False]))
+    # a pad query sees only earlier pads: never an empty row
+    assert torch.equal(pre[0, 0, 0] == 0, torch.tensor([True, False, False, False, False]))
+
+
+@pytest.mark.slow
+def test_compiled_step_generates_the_same_tokens(tmp_path):
+    """generate(compile=True) runs each step through torch.compile: same tokens as eager."""
+    hf = hf_model("llama_gqa")
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    ids, mask = batch()
+    kw = {"max_new_tokens": 4, "temperature": 0, "eos_token_id": [], "pad_token_id": 0}
+    eager = ours.generate(ids, mask, **kw)
+    compiled = ours.generate(ids, mask, compile=True, **kw)
+    assert torch.equal(eager.tokens, compiled.tokens)
+    torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)

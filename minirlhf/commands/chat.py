@@ -197,9 +197,15 @@ class ChatSession:
             chunk = ids[start: start + PREFILL_CHUNK]
             tokens = torch.tensor([chunk], device=self.device)
             positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-            hidden = self.model.decode_step(tokens, positions, start, self.key_is_real)
+            hidden = self.model.decode_step(tokens, positions, positions[0], self._mask(start, len(chunk)))
             self.cached.extend(chunk)
         return self.model.lm_head(hidden[:, -1])[0], reused
+
+    def _mask(self, start: int, t: int) -> "torch.Tensor":
+        """The attention mask of t tokens written at cache slots start.. (generation.cache_mask)."""
+        from minirlhf.generation import cache_mask
+
+        return cache_mask(self.key_is_real, start, t, self.model.embed_tokens.weight.dtype)
 
     def step(self, token: int) -> "torch.Tensor":
         """Run one generated token at the next cache slot; logits [V] of the one after it."""
@@ -207,7 +213,8 @@ class ChatSession:
 
         pos = len(self.cached)
         hidden = self.model.decode_step(torch.tensor([[token]], device=self.device),
-                                        torch.tensor([[pos]], device=self.device), pos, self.key_is_real)
+                                        torch.tensor([[pos]], device=self.device),
+                                        torch.tensor([pos], device=self.device), self._mask(pos, 1))
         self.cached.append(token)
         return self.model.lm_head(hidden[:, -1])[0]
 

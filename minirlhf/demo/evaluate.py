@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from minirlhf.demo.task import gold_reward
+from minirlhf.demo.task import gold_reward, judge
 from minirlhf.model import Transformer
 
 
@@ -28,12 +28,23 @@ class PolicyReport:
     gold: float
     kl_from_ref: float | None
     mean_length: float
+    well_formed: float  # fraction of answers of at most two complete sentences (see `well_formed`)
     samples: list[tuple[str, str]]
 
 
 def gold(prompts: Sequence[str], completions: Sequence[str], **fields) -> list[float]:
     """The demo's judge as a reward function (the grpo / eval convention): gold_reward of each answer."""
     return [gold_reward(p, c.strip()) for p, c in zip(prompts, completions)]
+
+
+def well_formed(prompts: Sequence[str], completions: Sequence[str], **fields) -> list[float]:
+    """1 for an answer in the task's form, one or two complete sentences (the judge finds no extra sentence,
+    extra word or fragment), else 0: what sft teaches first, before the answers get good."""
+    out = []
+    for p, c in zip(prompts, completions):
+        j = judge(p, c.strip())
+        out.append(float(j.length_penalty == 0 and j.fragment_penalty == 0))
+    return out
 
 
 def load_policy(path: str | Path) -> Transformer:
@@ -60,8 +71,9 @@ def evaluate_dir(model_dir: str | Path, tokenizer_dir: str | Path, prompts_file:
     settings = EvalSettings(Sampling(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed), samples=1,
                             greedy=False, batch_size=batch_size, resamples=0, progress=False,
                             by_length=False)
-    report = evaluate(policy, prompts, settings, tok=tok, reward_functions=[gold],
+    report = evaluate(policy, prompts, settings, tok=tok, reward_functions=[gold, well_formed],
                       reference=load_policy(ref_dir) if ref_dir else None)
     return PolicyReport(gold=report.value("sampled/gold"), kl_from_ref=report.value("sampled/kl_from_reference"),
                         mean_length=report.value("sampled/length"),
+                        well_formed=report.value("sampled/well_formed"),
                         samples=[(e["prompt"], e["answer"].strip()) for e in report.examples])

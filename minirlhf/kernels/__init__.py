@@ -1,8 +1,10 @@
 """Kernel dispatch: the model and the stages call these three functions, never a backend directly.
 
 backend="auto" runs the Triton kernel when the tensors live on CUDA, or on the CPU under the Triton
-interpreter (TRITON_INTERPRET=1, set before triton is first imported), and the plain-torch reference
-otherwise. "triton" forces the kernel (and raises if it cannot run), "torch" forces the reference.
+interpreter (TRITON_INTERPRET=1, set before triton is first imported), and the plain-torch path
+otherwise. "triton" forces the kernel (and raises if it cannot run), "torch" forces the torch path:
+SDPA for attention, and for the LM-head losses the same chunk loop as the kernel with torch ops for the
+rows (`*_chunked`), so that no path holds the [N, V] logits.
 
 Under autocast the three functions behave like torch's own matmul and attention ops do there: their
 floating-point inputs are cast to the autocast dtype first (bf16 under `[train] precision`), so both
@@ -25,9 +27,9 @@ from minirlhf.kernels.flash_attention import (
 from minirlhf.kernels.fused_cross_entropy import (
     _REDUCTIONS,
     check_linear_inputs,
-    linear_cross_entropy_torch,
+    linear_cross_entropy_chunked,
     linear_cross_entropy_triton,
-    linear_logprobs_torch,
+    linear_logprobs_chunked,
     linear_logprobs_triton,
 )
 
@@ -87,9 +89,10 @@ def linear_cross_entropy(
     check_linear_inputs(hidden, weight, labels)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"kernels.linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if _use_triton(backend, hidden.device, "linear_cross_entropy"):
-        return linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction)
-    return linear_cross_entropy_torch(hidden, weight, labels, ignore_index, reduction)
+    fn = (linear_cross_entropy_triton if _use_triton(backend, hidden.device, "linear_cross_entropy")
+          else linear_cross_entropy_chunked)
+    with torch.autocast(hidden.device.type, enabled=False):  # the chunks' matmuls write into their buffers
+        return fn(hidden, weight, labels, ignore_index, reduction)
 
 
 def linear_logprobs(
@@ -102,9 +105,9 @@ def linear_logprobs(
     check_linear_inputs(hidden, weight, labels)
     if not temperature > 0:
         raise ValueError(f"kernels.linear_logprobs: temperature must be > 0, got {temperature}")
-    if _use_triton(backend, hidden.device, "linear_logprobs"):
-        return linear_logprobs_triton(hidden, weight, labels, temperature, ignore_index)
-    return linear_logprobs_torch(hidden, weight, labels, temperature, ignore_index)
+    fn = linear_logprobs_triton if _use_triton(backend, hidden.device, "linear_logprobs") else linear_logprobs_chunked
+    with torch.autocast(hidden.device.type, enabled=False):
+        return fn(hidden, weight, labels, temperature, ignore_index)
 
 
 __all__ = ["attention", "linear_cross_entropy", "linear_logprobs"]

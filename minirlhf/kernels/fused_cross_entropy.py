@@ -27,6 +27,11 @@ Where the gradient is computed:
   the forward. dh could be precomputed as a per-row vector scaled by g_n later, but dW = sum_n g_n (...) h_n^T
   cannot without storing [N, V]. So the forward keeps only the row log-sum-exp (4 bytes a token) and the
   backward recomputes each chunk's logits: 4 matmuls in all (one more than unfused) for O(N) saved memory.
+
+The same chunk loop and autograd Functions run without Triton (backend "torch", the CPU path): the row
+kernel's work is then a few in-place torch ops on the chunk (`_ce_rows_torch`), with smaller chunks
+(`cpu_chunk_size`) and dW accumulated in float32 when the weight is bf16/fp16. Neither path ever holds
+more than one chunk of logits; `linear_*_torch` below are the unchunked references the tests compare with.
 """
 from __future__ import annotations
 
@@ -113,6 +118,41 @@ def _ce_rows_kernel(
             tl.store(ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=cols < V)
 
 
+def _ce_rows_torch(
+    logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor | None, lse: torch.Tensor,
+    logprob: torch.Tensor | None, inv_temperature: float, ignore_index: int,
+) -> None:
+    """What `_ce_rows_kernel` does, for a whole chunk at once in torch ops, in place on the chunk.
+
+    logits: [C, V] (overwritten), labels, row_scale, lse, logprob: [C]. logprob given: write the row
+    log-sum-exp and label log-probs; otherwise read lse. row_scale given: overwrite logits with
+    row_scale * (softmax - onehot(label)) / temperature. One [C, V] buffer of at least fp32: the chunk
+    itself when it is fp32 or fp64, one fp32 copy otherwise.
+    """
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()  # (C, V), scratch
+    if inv_temperature != 1.0:
+        z = z.mul_(inv_temperature) if z is logits else z * inv_temperature
+    valid = labels != ignore_index
+    safe = labels.masked_fill(~valid, 0)[:, None]  # (C, 1)
+    if logprob is not None:
+        target = z.gather(1, safe)[:, 0]  # read before z is overwritten
+        top = z.amax(-1, keepdim=True)  # (C, 1)
+        z = z.sub_(top).exp_()  # exp(z - max): the softmax numerators
+        total = z.sum(-1, keepdim=True)  # (C, 1)
+        lse.copy_((top + total.log())[:, 0])
+        logprob.copy_(torch.where(valid, target - lse, 0.0))
+        if row_scale is not None:
+            z = z.div_(total)  # softmax
+    elif row_scale is not None:
+        z = z.sub_(lse[:, None]).exp_()  # softmax from the saved log-sum-exp
+    if row_scale is None:
+        return
+    z.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=z.dtype))  # - onehot(label); ignored rows get c = 0
+    z.mul_((row_scale.float() * inv_temperature)[:, None])
+    if z is not logits:
+        logits.copy_(z)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -133,6 +173,20 @@ def chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
     return max(1, min(n_tokens, max(1024, by_memory)))
 
 
+def cpu_chunk_size(n_tokens: int, vocab_size: int, budget_bytes: int = 128 << 20) -> int:
+    """Tokens per chunk on the torch path: as many as fit `budget_bytes` of fp32 logits (128 MB: 672
+    tokens of a 49k vocabulary), a multiple of 16, at least 16, at most n_tokens.
+
+    Smaller chunks are not cheaper on a CPU: each chunk's bf16 matmul re-lays out the whole [V, H]
+    weight for the matrix units (AMX), so with bf16 autocast 64-token chunks took 2.8x the time of
+    512-token ones (135M SmolLM2, V = 49152, 2048 tokens, one thread; fp32 is flat from 256 up).
+    Against the unchunked ~3 x N x V x 4 bytes (logits, their log-softmax, their gradient: 2.4 GB
+    for 4096 tokens of that vocabulary) this holds one [C, V] fp32 chunk (plus its bf16 copy).
+    """
+    rows = max(16, budget_bytes // (4 * vocab_size) // 16 * 16)
+    return max(1, min(n_tokens, rows))
+
+
 def _block_v(vocab_size: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps): 16 KB of fp32 a step on a GPU; tiny blocks in the interpreter so that
     small test vocabularies still take several steps."""
@@ -145,34 +199,44 @@ def fused_linear_pass(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, inv_temperature: float,
     ignore_index: int, lse: torch.Tensor, logprob: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None, grad_hidden: torch.Tensor | None = None,
-    grad_weight: torch.Tensor | None = None, chunk: int | None = None,
+    grad_weight: torch.Tensor | None = None, chunk: int | None = None, backend: str = "triton",
 ) -> None:
-    """Walk token chunks of hidden: [N, H] against weight: [V, H] and launch the row kernel.
+    """Walk token chunks of hidden: [N, H] against weight: [V, H] and run the row kernel on each
+    (backend "triton": `_ce_rows_kernel`; "torch": `_ce_rows_torch`).
 
     logprob given: compute lse [N] and logprob [N] (fp32) in the same pass; otherwise lse is read.
-    row_scale [N] given: also write grad_hidden [N, H] (overwritten) and/or add into grad_weight [V, H].
+    row_scale [N] given: also write grad_hidden [N, H] (overwritten) and/or add into grad_weight [V, H]
+    (in grad_weight's dtype: float32 accumulates low-precision chunks exactly up to one rounding each).
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    C = chunk or chunk_size(N, H, V)
-    block_v, num_warps = _block_v(V)
+    on_triton = backend == "triton"
+    C = chunk or (chunk_size(N, H, V) if on_triton else cpu_chunk_size(N, V))
     write_grad = row_scale is not None
     buf = torch.empty(min(C, N), V, dtype=hidden.dtype, device=hidden.device)
     for s in range(0, N, C):
         e = min(s + C, N)
         logits = torch.mm(hidden[s:e], weight.T, out=buf[: e - s])  # (C, V)
-        _ce_rows_kernel[(e - s,)](
-            logits, logits.stride(0), labels[s:e], row_scale[s:e] if write_grad else lse[s:e], lse[s:e],
-            logprob[s:e] if logprob is not None else lse[s:e], V, inv_temperature, ignore_index,
-            BLOCK_V=block_v, COMPUTE_LSE=logprob is not None, WRITE_GRAD=write_grad, num_warps=num_warps,
-        )
+        if on_triton:
+            block_v, num_warps = _block_v(V)
+            _ce_rows_kernel[(e - s,)](
+                logits, logits.stride(0), labels[s:e], row_scale[s:e] if write_grad else lse[s:e], lse[s:e],
+                logprob[s:e] if logprob is not None else lse[s:e], V, inv_temperature, ignore_index,
+                BLOCK_V=block_v, COMPUTE_LSE=logprob is not None, WRITE_GRAD=write_grad, num_warps=num_warps,
+            )
+        else:
+            _ce_rows_torch(logits, labels[s:e], row_scale[s:e] if write_grad else None, lse[s:e],
+                           logprob[s:e] if logprob is not None else None, inv_temperature, ignore_index)
         if not write_grad:
             continue
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[s:e])
-        if grad_weight is not None:
-            # accumulates in weight's dtype (one rounding a chunk; the matmul itself sums in fp32)
+        if grad_weight is None:
+            continue
+        if grad_weight.dtype == logits.dtype:  # one rounding a chunk; the matmul itself sums in fp32
             grad_weight.addmm_(logits.T, hidden[s:e])
+        else:
+            grad_weight += torch.mm(logits.T, hidden[s:e]).to(grad_weight.dtype)
 
 
 def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -182,24 +246,37 @@ def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> N
                          f"{vocab_size} (ignore_index={ignore_index})")
 
 
+def _grad_weight_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """Zeros for dW, float32 when the weight is bf16/fp16: the sum over chunks then rounds once, at the
+    end, as one unchunked matmul would, instead of once a chunk to 8 bits of mantissa."""
+    wide = weight.dtype in (torch.float16, torch.bfloat16)
+    return torch.zeros(weight.shape, dtype=torch.float32 if wide else weight.dtype, device=weight.device)
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
-    """Mean or sum cross-entropy; dh and dW are computed in the forward and scaled in the backward."""
+    """Mean or sum cross-entropy; dh and dW are computed in the forward and scaled in the backward.
+
+    want_grad: whether a backward will follow (grad mode on and an input requiring grad, decided by the
+    caller: inside forward grad mode is always off and needs_input_grad ignores torch.no_grad()), so that
+    an evaluation pass costs one matmul instead of three.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk, backend="triton", want_grad=True):
         N = hidden.shape[0]
         valid = labels != ignore_index
         count = valid.sum().float()
         row_scale = valid.float() / count if reduction == "mean" else valid.float()
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(N, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         logprob = torch.empty_like(lse)
-        grad_hidden = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None  # contiguous
-        grad_weight = weight.new_zeros(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_hidden = hidden.new_empty(hidden.shape) if want_grad and ctx.needs_input_grad[0] else None
+        grad_weight = _grad_weight_buffer(weight) if want_grad and ctx.needs_input_grad[1] else None
         wants_grad = grad_hidden is not None or grad_weight is not None
         fused_linear_pass(hidden, weight, labels, inv_temperature=1.0, ignore_index=ignore_index, lse=lse,
                           logprob=logprob, row_scale=row_scale if wants_grad else None,
-                          grad_hidden=grad_hidden, grad_weight=grad_weight, chunk=chunk)
+                          grad_hidden=grad_hidden, grad_weight=grad_weight, chunk=chunk, backend=backend)
         ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
         loss = -logprob.sum()
         return loss / count if reduction == "mean" else loss
 
@@ -207,36 +284,39 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = (grad_hidden * grad_loss).to(grad_hidden.dtype) if grad_hidden is not None else None
-        dw = (grad_weight * grad_loss).to(grad_weight.dtype) if grad_weight is not None else None
-        return dh, dw, None, None, None, None
+        dw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        return dh, dw, None, None, None, None, None, None
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
     """Per-token label log-probs; the backward recomputes each chunk's logits from the saved lse."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, ignore_index, chunk):
+    def forward(ctx, hidden, weight, labels, temperature, ignore_index, chunk, backend="triton"):
         N = hidden.shape[0]
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(N, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         logprob = torch.empty_like(lse)
         fused_linear_pass(hidden, weight, labels, inv_temperature=1.0 / temperature, ignore_index=ignore_index,
-                          lse=lse, logprob=logprob, chunk=chunk)
+                          lse=lse, logprob=logprob, chunk=chunk, backend=backend)
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.temperature, ctx.ignore_index, ctx.chunk = temperature, ignore_index, chunk
+        ctx.temperature, ctx.ignore_index, ctx.chunk, ctx.backend = temperature, ignore_index, chunk, backend
         return logprob
 
     @staticmethod
     def backward(ctx, grad_logprob):
         hidden, weight, labels, lse = ctx.saved_tensors
         valid = labels != ctx.ignore_index
-        row_scale = torch.where(valid, -grad_logprob.float(), torch.zeros_like(lse))  # d logp / dz = -(p - onehot)
+        # d logp / dz = -(p - onehot)
+        row_scale = torch.where(valid, -grad_logprob.to(lse.dtype), torch.zeros_like(lse))
         grad_hidden = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None  # contiguous
-        grad_weight = weight.new_zeros(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_weight = _grad_weight_buffer(weight) if ctx.needs_input_grad[1] else None
         if grad_hidden is not None or grad_weight is not None:
             fused_linear_pass(hidden, weight, labels, inv_temperature=1.0 / ctx.temperature,
                               ignore_index=ctx.ignore_index, lse=lse, row_scale=row_scale,
-                              grad_hidden=grad_hidden, grad_weight=grad_weight, chunk=ctx.chunk)
-        return grad_hidden, grad_weight, None, None, None, None
+                              grad_hidden=grad_hidden, grad_weight=grad_weight, chunk=ctx.chunk, backend=ctx.backend)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
@@ -253,16 +333,30 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         raise ValueError(f"kernels.cross_entropy: labels must be integers, got {labels.dtype}")
 
 
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _fused_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk, backend) -> torch.Tensor:
+    _check_labels(labels, weight.shape[0], ignore_index)
+    if reduction == "none":
+        return -FusedLinearLogprobs.apply(hidden, weight, labels, 1.0, ignore_index, chunk, backend)
+    return FusedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk, backend,
+                                         _wants_grad(hidden, weight))
+
+
+def _fused_logprobs(hidden, weight, labels, temperature, ignore_index, chunk, backend) -> torch.Tensor:
+    _check_labels(labels, weight.shape[0], ignore_index)
+    return FusedLinearLogprobs.apply(hidden, weight, labels, float(temperature), ignore_index, chunk, backend)
+
+
 def linear_cross_entropy_triton(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
     reduction: str = "mean", chunk: int | None = None,
 ) -> torch.Tensor:
     """Fused version of linear_cross_entropy_torch. reduction "none" gives [N] fp32 (0 where ignored).
     chunk overrides chunk_size() (tests use it to cross chunk edges with tiny N)."""
-    _check_labels(labels, weight.shape[0], ignore_index)
-    if reduction == "none":
-        return -FusedLinearLogprobs.apply(hidden, weight, labels, 1.0, ignore_index, chunk)
-    return FusedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk)
+    return _fused_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk, "triton")
 
 
 def linear_logprobs_triton(
@@ -270,5 +364,21 @@ def linear_logprobs_triton(
     ignore_index: int = -100, chunk: int | None = None,
 ) -> torch.Tensor:
     """Fused version of linear_logprobs_torch: [N] fp32 label log-probs, 0 where ignored."""
-    _check_labels(labels, weight.shape[0], ignore_index)
-    return FusedLinearLogprobs.apply(hidden, weight, labels, float(temperature), ignore_index, chunk)
+    return _fused_logprobs(hidden, weight, labels, temperature, ignore_index, chunk, "triton")
+
+
+def linear_cross_entropy_chunked(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+    reduction: str = "mean", chunk: int | None = None,
+) -> torch.Tensor:
+    """linear_cross_entropy_torch without the [N, V] logits: the fused chunk loop with torch ops for the
+    rows, chunks of `cpu_chunk_size` tokens (any device, no Triton); chunk overrides the size."""
+    return _fused_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk, "torch")
+
+
+def linear_logprobs_chunked(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    ignore_index: int = -100, chunk: int | None = None,
+) -> torch.Tensor:
+    """linear_logprobs_torch without the [N, V] logits (see linear_cross_entropy_chunked)."""
+    return _fused_logprobs(hidden, weight, labels, temperature, ignore_index, chunk, "torch")

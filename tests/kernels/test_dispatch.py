@@ -41,7 +41,7 @@ TORCH_PATH = """
         assert torch.isfinite(q.grad).all()
     h = torch.randn(6, 8, requires_grad=True); w = torch.randn(11, 8); y = torch.tensor([1, 2, -100, 4, 5, 10])
     loss = K.linear_cross_entropy(h, w, y, backend="auto")
-    assert torch.equal(loss, F.cross_entropy(h @ w.T, y))
+    assert torch.allclose(loss, F.cross_entropy(h @ w.T, y), rtol=1e-6, atol=0)  # the chunked torch path
     lp = K.linear_logprobs(h, w, y, temperature=0.5, backend="torch")
     (loss + lp.sum()).backward()
     assert _use_triton("auto", torch.device("cpu"), "attention") is False
