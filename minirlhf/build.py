@@ -178,11 +178,12 @@ def apply_lora(cfg: Config, model: Transformer) -> Transformer:
 
 
 def disable_dropout(cfg: Config, model: nn.Module) -> nn.Module:
-    """With [train] disable_dropout (called by the ppo, dpo and kto stages): every nn.Dropout of `model`,
+    """With [train] disable_dropout (called by the rm, ppo, dpo and kto stages): every nn.Dropout of `model`,
     LoRA's included, at p = 0, in place, as TRL does by default. These stages compare the trained model
     with itself or with a reference (the PPO ratio pi / pi_old, the value clip around the rollout's
     values, DPO/KTO log-ratios to the reference), measured without dropout; dropout in the update alone
-    would bias them (the first PPO ratio would not be 1)."""
+    would bias them (the first PPO ratio would not be 1). TRL's RewardConfig disables it for reward models
+    too, and so does the rm stage."""
     if not cfg.train.disable_dropout:
         return model
     from minirlhf.lora import lora_layers

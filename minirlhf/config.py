@@ -163,9 +163,10 @@ class TrainSection:
     max_grad_norm: float = setting(1.0, "clip the global gradient norm to this; 0 = no clipping")
     precision: str = setting("auto", "auto (bf16 autocast where supported, else fp32) | fp32 | bf16")
     activation_checkpointing: bool = setting(False, "recompute each block's activations in backward")
-    disable_dropout: bool = setting(True, "ppo, dpo, kto: set every dropout ([lora] dropout included) of the policy, "
-                                          "critic and reference to 0, as TRL does (their ratios and log-ratios compare "
-                                          "the model with itself or a reference); pt, sft, rm keep dropout")
+    disable_dropout: bool = setting(True, "rm, ppo, dpo, kto: set every dropout ([lora] dropout included) of the "
+                                          "trained model, critic and reference to 0, as TRL does (ratios and "
+                                          "log-ratios compare the model with itself or a reference); pt and sft keep "
+                                          "dropout")
     fsdp_cpu_offload: bool = setting(False, "under torchrun: keep FSDP's sharded weights, gradients and optimizer "
                                             "states in host memory (slower, for models that do not fit)")
     fsdp_reshard_after_forward: bool = setting(True, "under torchrun: free each block's gathered weights after its "

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from minirlhf.batching import BatchIterator
-from minirlhf.build import DTYPES, apply_lora, build_tokenizer, fresh_model_config, prepare_backbone
+from minirlhf.build import DTYPES, apply_lora, build_tokenizer, disable_dropout, fresh_model_config, prepare_backbone
 from minirlhf.config import Config
 from minirlhf.data import build_datasets
 from minirlhf.heads import RewardModel
@@ -71,7 +71,8 @@ def pair_scores(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[tor
 def build_reward_model(cfg: Config, tok: Tokenizer, device: torch.device | str = "cpu") -> RewardModel:
     """[model] path as a reward model: a saved one as it is, a causal LM with a fresh head (seeded by
     [train] seed); no path = a fresh model of [model.init] shape. LoRA ([lora] enabled) goes on the
-    backbone only, so the head stays trainable."""
+    backbone only, so the head stays trainable; with [train] disable_dropout (the default, as TRL's
+    RewardConfig) its dropout is off."""
     if cfg.model.path:
         model = RewardModel.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device,
                                             seed=cfg.train.seed, new_head=True)
@@ -79,7 +80,7 @@ def build_reward_model(cfg: Config, tok: Tokenizer, device: torch.device | str =
         torch.manual_seed(cfg.train.seed)
         model = RewardModel(fresh_model_config(cfg, tok)).to(device)
     prepare_backbone(cfg, tok, model.backbone, cfg.model.path)
-    apply_lora(cfg, model.backbone)
+    disable_dropout(cfg, apply_lora(cfg, model.backbone))
     return model
 
 

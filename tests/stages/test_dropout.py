@@ -1,7 +1,8 @@
 """[train] disable_dropout (default true) for the stages that compare the trained model with itself or with a
 reference: ppo (ratio pi / pi_old, value clip around the rollout's values), dpo and kto (log-ratios to the
-reference). With [lora] dropout = 0.1 the rollout / reference is measured without dropout while the update
-ran with it, so before any update PPO's ratio was not 1 and repeated DPO/KTO losses of one batch differed.
+reference), and rm, as TRL's RewardConfig. With [lora] dropout = 0.1 the rollout / reference is measured
+without dropout while the update ran with it, so before any update PPO's ratio was not 1 and repeated
+DPO/KTO losses of one batch differed.
 
 Every test first moves the adapters' B away from its zero start: with B = 0 the adapter adds nothing, so its
 input dropout would change nothing and the tests could not fail.
@@ -14,7 +15,7 @@ import torch
 
 from minirlhf.heads import RewardModel
 from minirlhf.lora import lora_layers
-from minirlhf.stages import dpo, kto, ppo
+from minirlhf.stages import dpo, kto, ppo, rm
 from minirlhf.stages.rollout import response_logprobs, response_values
 from minirlhf.trainer import Trainer
 from tests.tiny import (
@@ -97,16 +98,17 @@ def test_ppo_keeps_dropout_when_asked(tiny, tmp_path):
     assert (logprobs[mask] - rollout.logprobs[mask]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("stage_name", ["dpo", "kto"])
+@pytest.mark.parametrize("stage_name", ["dpo", "kto", "rm"])
 @pytest.mark.parametrize("disable", [True, False])
 def test_repeated_losses_in_train_mode_are_identical(tiny, tmp_path, stage_name, disable):
     """Four evaluations of one batch's loss in train mode: identical without dropout; with
-    disable_dropout = false they differ (dropout still draws a new mask each time)."""
-    data = tiny["pairs"] if stage_name == "dpo" else tiny["kto"]
+    disable_dropout = false they differ (dropout still draws a new mask each time). rm follows TRL's
+    RewardConfig (disable_dropout = True) too."""
+    data = tiny["kto"] if stage_name == "kto" else tiny["pairs"]
     cfg = tiny_config(stage_name, tiny["policy"], data, tmp_path / "out", "lora.enabled=true", "lora.r=4",
                       "lora.dropout=0.1", *([] if disable else ["train.disable_dropout=false"]),  # true: the default
                       *(['dpo.reference="live"'] if stage_name == "dpo" else []))
-    stage = (dpo if stage_name == "dpo" else kto).build_stage(cfg)
+    stage = {"dpo": dpo, "kto": kto, "rm": rm}[stage_name].build_stage(cfg)
     move_adapters(stage.model)
     stage.model.train()
     batch = stage.collate(stage.batches.examples[:4])
