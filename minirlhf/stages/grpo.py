@@ -309,8 +309,13 @@ class GRPOStage(PolicyStage):
             row_fields = {k: [v for v in values for _ in range(G)] for k, values in fields.items()}
             row_fields["completion_lengths"] = rollout.response_mask.sum(-1).tolist()
             rows = [f"{where}, prompt {i // G + 1} answer {i % G + 1}" for i in range(rollout.size)]
-            columns.append(score_completions(self.reward_functions, [q for q in prompts for _ in range(G)],
-                                             completions, row_fields, rows))
+            try:
+                columns.append(score_completions(self.reward_functions, [q for q in prompts for _ in range(G)],
+                                                 completions, row_fields, rows))
+            except RewardError as e:
+                if where in str(e):
+                    raise
+                raise RewardError(f"{e} ({where})") from None  # a wrong length names no single row
         if self.scorer is not None:
             columns.append(self.scorer(rollout).float().cpu()[:, None])
         return torch.cat(columns, dim=1).to(rollout.input_ids.device)
