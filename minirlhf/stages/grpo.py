@@ -94,8 +94,8 @@ class GRPOSection(StageSection):
                                           path=PY_SPEC)
     reward_weights: list[float] = setting([], "one weight per reward source (the functions, then reward_model); "
                                               "[] = all 1")
-    reward_kwargs: dict[str, dict] = setting({}, "constants bound to a function's parameters, by its spec: "
-                                                 "{\"minirlhf.rewards:format_match\" = {pattern = \"...\"}}")
+    reward_kwargs: dict[str, dict] = setting({}, "constants bound to a function's parameters, keyed by its name (or "
+                                                 "full spec): {format_match = {pattern = \"...\"}}")
     reward_model: str = setting("", "reward model directory (output of the rm stage): one more reward source, "
                                     "after the functions; empty = none", path=True)
     ref_model: str = setting("", "reference policy of the KL term (beta > 0); empty = the starting model (the "
@@ -170,11 +170,19 @@ class GRPOSection(StageSection):
                               f"{len(self.reward_functions)} reward_functions"
                               f"{' + reward_model' if self.reward_model else ''}) or be [], got "
                               f"{len(self.reward_weights)}", s, "reward_weights")
-        for spec in self.reward_kwargs:
-            if spec not in self.reward_functions:
+        for key in self.reward_kwargs:
+            matches = [f for f in self.reward_functions if key in (f, f.rpartition(":")[2])]
+            if not matches:
                 listed = ", ".join(map(toml_value, self.reward_functions)) or "none"
-                raise ConfigError(f"[{s}] reward_kwargs names {toml_value(spec)}, which is not in reward_functions "
+                raise ConfigError(f"[{s}] reward_kwargs names {toml_value(key)}, which is not in reward_functions "
                                   f"({listed})", s, "reward_kwargs")
+            if len(matches) > 1 and key not in self.reward_functions:
+                raise ConfigError(f"[{s}] reward_kwargs {toml_value(key)} names {len(matches)} reward_functions; "
+                                  f"key it by the full spec", s, "reward_kwargs")
+
+    def kwargs_for(self, spec: str) -> dict | None:
+        """The reward_kwargs of a listed function: by its full spec, else by its name (the part after ':')."""
+        return self.reward_kwargs.get(spec, self.reward_kwargs.get(spec.rpartition(":")[2]))
 
     def _validate_batches(self) -> None:
         s = self.section
@@ -203,7 +211,7 @@ def load_reward_functions(section: GRPOSection) -> list[RewardFunction]:
     """The [grpo] reward_functions, with their reward_kwargs bound; a function that cannot be loaded is a
     ConfigError naming the key and the function."""
     try:
-        return [load_reward_function(spec, kwargs=section.reward_kwargs.get(spec)) for spec in section.reward_functions]
+        return [load_reward_function(spec, kwargs=section.kwargs_for(spec)) for spec in section.reward_functions]
     except RewardError as e:
         raise ConfigError(f"[grpo] reward_functions: {e}", "grpo", "reward_functions") from None
 

@@ -307,6 +307,8 @@ def test_resume_matches_a_straight_run(tiny, tmp_path):
                                        r"reward_functions\) or be \[\], got 2"),
     ('grpo.reward_kwargs={"x.py:f" = {a = 1}}', r'^\[grpo\] reward_kwargs names "x.py:f", which is not in '
                                                  r'reward_functions'),
+    ('grpo.reward_kwargs={length = {scale = 2}}', r"^\[grpo\] reward_functions: reward function '.*my_rewards.py:"
+                                                  r"length': cannot set parameter 'scale'"),
     ('grpo.estimator="rloo"', r'^\[grpo\] scale_rewards must be "none" or "batch" with estimator = "rloo"'),
     ("grpo.micro_batch_size=3", r"^\[grpo\] micro_batch_size must divide the rollout's 8 sequences, got 3"),
     ('grpo.reward_functions=["minirlhf.rewards:number_macth"]', r"^\[grpo\] reward_functions: reward function "
@@ -328,20 +330,19 @@ def test_a_data_row_without_a_needed_field_is_refused_before_any_model_loads(tin
         raise AssertionError("a model was built")
 
     monkeypatch.setattr(grpo_module, "build_model", no_model)
-    bare = write_jsonl(tmp_path / "bare.jsonl", [{"prompt": prompt(i)} for i in range(4)])
-    cfg = tiny_config("grpo", tiny["policy"], bare, tmp_path / "out", f'grpo.reward_functions=["{tiny["rewards"]}:'
-                      f'needs_answer"]', "grpo.prompts_per_rollout=2", "grpo.samples_per_prompt=2",
-                      "grpo.micro_batch_size=2")
-    with pytest.raises(RewardError, match=r"needs the field 'answer', which the data rows lack \(their columns: "
-                                          r"none besides the prompt\)"):
-        build_stage(cfg)
-    some = write_jsonl(tmp_path / "some.jsonl", [{"prompt": prompt(0), "answer": "0"}, {"prompt": prompt(1)}])
-    cfg = tiny_config("grpo", tiny["policy"], some, tmp_path / "out", f'grpo.reward_functions=["{tiny["rewards"]}:'
-                      f'needs_answer"]', "grpo.prompts_per_rollout=2", "grpo.samples_per_prompt=2",
-                      "grpo.micro_batch_size=2")
-    with pytest.raises(RewardError, match=r"needs the field 'answer', which training row 2 \(prompt 'Review the "
-                                          r"movie.'\) lacks"):
-        build_stage(cfg)
+    cases = [  # no row has the field; one row lacks it
+        ([{"prompt": prompt(i)} for i in range(4)],
+         r"needs the field 'answer', which the data rows lack \(their columns: none besides the prompt\)"),
+        ([{"prompt": prompt(0), "answer": "0"}, {"prompt": prompt(1)}],
+         r"needs the field 'answer', which training row 2 \(prompt 'Review the movie.'\) lacks"),
+    ]
+    for i, (rows, message) in enumerate(cases):
+        data = write_jsonl(tmp_path / f"rows{i}.jsonl", rows)
+        cfg = tiny_config("grpo", tiny["policy"], data, tmp_path / "out", "grpo.prompts_per_rollout=2",
+                          f'grpo.reward_functions=["{tiny["rewards"]}:needs_answer"]', "grpo.samples_per_prompt=2",
+                          "grpo.micro_batch_size=2")
+        with pytest.raises(RewardError, match=message):
+            build_stage(cfg)
 
 
 def test_a_reward_of_the_wrong_length_names_the_function_and_the_step(tiny, tmp_path):
@@ -383,8 +384,8 @@ schedule = "constant"
 log_every = 1
 precision = "fp32"
 [grpo]
-reward_functions = ["minirlhf.rewards:number_match", "rewards.py:length"]
-reward_weights = [1.0, 0.1]
+reward_functions = ["minirlhf.rewards:number_match", "rewards.py:length", "minirlhf.rewards:soft_overlong_penalty"]
+reward_weights = [1.0, 0.1, 1.0]
 prompts_per_rollout = 2
 samples_per_prompt = 4
 micro_batch_size = 4
@@ -392,6 +393,8 @@ max_new_tokens = 8
 beta = 0.04
 loss_type = "grpo"
 log_samples_every = 1
+[grpo.reward_kwargs]
+soft_overlong_penalty = {{max_length = 8, cache_length = 4}}
 """)
     from minirlhf.commands import train as train_command
 
@@ -401,6 +404,7 @@ log_samples_every = 1
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/number_match/mean", "rewards/length/mean",
+                "rewards/soft_overlong_penalty/mean",
                 "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "kl", "entropy",
                 "num_tokens", "grad_norm", "time/step", "tokens_per_s", "time/generate"):
         assert all(key in r and math.isfinite(r[key]) for r in steps), key
