@@ -472,18 +472,17 @@ class GRPOStage(PolicyStage):
 
     # -- one trainer step ----------------------------------------------------------------------
 
-    def reward_metrics(self, rewards: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    def reward_metrics(self, rewards: torch.Tensor) -> dict[str, float]:
         """TRL's reward metrics over rewards [N, F] (every rank's): reward (the weighted sum), reward_std (the
         mean of the groups' stds), frac_reward_zero_std, and rewards/<source>/mean and /std."""
         G = self.cfg.grpo.samples_per_prompt
         total = weighted_reward_sum(rewards, self.weights)  # [N]
         groups = total.view(-1, G)
-        out = {f"{prefix}reward": float(torch.nanmean(total)),
-               f"{prefix}reward_std": float(torch.nanmean(nan_std(groups, dim=1))),
-               f"{prefix}frac_reward_zero_std": float((~informative_groups(groups)).float().mean())}
+        out = {"reward": float(torch.nanmean(total)), "reward_std": float(torch.nanmean(nan_std(groups, dim=1))),
+               "frac_reward_zero_std": float((~informative_groups(groups)).float().mean())}
         for name, column in zip(self.names, rewards.T):
-            out[f"{prefix}rewards/{name}/mean"] = float(torch.nanmean(column))
-            out[f"{prefix}rewards/{name}/std"] = float(nan_std(column))
+            out[f"rewards/{name}/mean"] = float(torch.nanmean(column))
+            out[f"rewards/{name}/std"] = float(nan_std(column))
         return {k: (v if v == v else 0.0) for k, v in out.items()}  # NaN (nothing scored) logs as 0
 
     @staticmethod
