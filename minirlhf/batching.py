@@ -149,10 +149,17 @@ def collate_kto(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor
     return batch
 
 
-def collate_prompts(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """ppo prompt batch, LEFT-padded for generation: input_ids, attention_mask [B, T]."""
+def collate_prompts(examples: Sequence[dict], pad_id: int) -> dict[str, Any]:
+    """ppo/grpo prompt batch, LEFT-padded for generation: input_ids, attention_mask [B, T]; and, for examples
+    of data.encode_prompt, `prompts` (B prompts as their rows give them) and `fields` (column -> B values,
+    plain Python lists, for the columns every example has)."""
     ids = [e["input_ids"] for e in examples]
-    return {"input_ids": _pad(ids, pad_id, left=True), "attention_mask": _mask(ids, left=True)}
+    batch: dict[str, Any] = {"input_ids": _pad(ids, pad_id, left=True), "attention_mask": _mask(ids, left=True)}
+    if all("fields" in e for e in examples):
+        batch["prompts"] = [e["prompt"] for e in examples]
+        common = [k for k in examples[0]["fields"] if all(k in e["fields"] for e in examples)]
+        batch["fields"] = {k: [e["fields"][k] for e in examples] for k in common}
+    return batch
 
 
 # ----------------------------------------------------------------------------- resumable iteration

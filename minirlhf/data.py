@@ -283,8 +283,10 @@ def encode_kto(row: Any, tok: Any, data: DataSection) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len, "desirable": label}
 
 
-def encode_prompt(row: Any, tok: Any, data: DataSection, max_len: int | None = None) -> dict[str, list[int]]:
-    """ppo: {input_ids} of the prompt rendered with add_generation_prompt=True.
+def encode_prompt(row: Any, tok: Any, data: DataSection, max_len: int | None = None) -> dict[str, Any]:
+    """ppo, grpo: {input_ids, prompt, fields}: input_ids of the prompt rendered with add_generation_prompt=True;
+    `prompt` the prompt as the row gives it (its text, or its turns when there are several); `fields` the
+    row's other columns as they are (e.g. {"answer": "122"}), which grpo's reward functions receive.
 
     Accepts a prompt (string or turns), a message list (a final assistant turn, the reference answer, is
     dropped), or an alpaca row. Longer prompts lose their oldest tokens (BOS kept) down to max_len.
@@ -293,14 +295,17 @@ def encode_prompt(row: Any, tok: Any, data: DataSection, max_len: int | None = N
     turns_key = data.messages_field or ("conversations" if "conversations" in row else "messages")
     if data.prompt_field in row or "query" in row:
         messages = _prompt_messages(row, data)
+        used = (data.prompt_field if data.prompt_field in row else "query",)
     elif turns_key in row:
         messages = _messages(row[turns_key], turns_key)
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
+        used = (turns_key,)
     elif data.instruction_field in row:
         instruction = _get_str(row, data.instruction_field)
         extra = _get_str(row, data.input_field, required=False)
         messages = [{"role": "user", "content": "\n\n".join(p for p in (instruction, extra) if p)}]
+        used = (data.instruction_field, data.input_field)
     else:
         raise RowError(f"row has no prompt: expected '{data.prompt_field}', 'messages' or "
                         f"'{data.instruction_field}'; has: {', '.join(row) or 'nothing'}")
@@ -311,7 +316,8 @@ def encode_prompt(row: Any, tok: Any, data: DataSection, max_len: int | None = N
     head = _head(ids, tok)
     if len(ids) > max_len:
         ids = ids[:head] + ids[len(ids) - (max_len - head):]
-    return {"input_ids": ids}
+    prompt = messages[0]["content"] if len(messages) == 1 else messages
+    return {"input_ids": ids, "prompt": prompt, "fields": {k: v for k, v in row.items() if k not in used}}
 
 
 def _as_object(row: Any) -> dict:

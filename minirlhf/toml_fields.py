@@ -18,6 +18,7 @@ The checks of values (`check`, `check_choice`) are here too, for the sections' `
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -43,12 +44,16 @@ class ConfigError(UserError, ValueError):
         self.key = key
 
 
+# `path` of a setting whose values are "file.py:name" or "package.module:name" specs: the file part is a path
+PY_SPEC = "file.py:name"
+
+
 def setting(default: Any, help: str, path: bool | str = False) -> Any:
-    """A section field with a default, a one-line help, and whether it holds a filesystem path (True, or
-    a suffix such as ".jinja" when only values ending in it are paths)."""
+    """A section field with a default, a one-line help, and whether it holds a filesystem path (True, a
+    suffix such as ".jinja" when only values ending in it are paths, or PY_SPEC)."""
     meta = {"help": help, "path": path}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -202,6 +207,8 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is list:
         inner = typing.get_args(tp)[0]
         return "an array of " + {str: "strings", float: "numbers", int: "integers"}[inner]
+    if tp is dict or typing.get_origin(tp) is dict:
+        return "a table"
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     raise TypeError(f"minirlhf/toml_fields.py: no TOML rule for field type {tp!r}")
@@ -220,6 +227,9 @@ def _convert(value: Any, tp: Any) -> Any:
     if typing.get_origin(tp) is list and isinstance(value, list):
         inner = typing.get_args(tp)[0]
         return [_convert(v, inner) for v in value]
+    if (tp is dict or typing.get_origin(tp) is dict) and isinstance(value, dict):
+        inner = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        return {k: v if inner is Any else _convert(v, inner) for k, v in value.items()}
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
@@ -338,6 +348,9 @@ def _resolve(value: str, base: Path, suffix: bool | str = True) -> str:
     whose paths end in `suffix`, values that do not (chat template names) stay as they are."""
     if not value or value == "auto" or "{" in value or os.path.isabs(value):
         return value
+    if suffix == PY_SPEC:
+        target, sep, name = value.rpartition(":")
+        return _resolve(target, base) + sep + name if sep and target.endswith(".py") else value
     if isinstance(suffix, str) and not value.endswith(suffix):
         return value
     return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
@@ -381,6 +394,8 @@ def toml_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table, its keys quoted
+        return "{" + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 

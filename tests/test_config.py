@@ -199,7 +199,7 @@ def test_other_trainers_key_names_point_to_ours(tmp_path):
         "dpo.precompute_ref_log_probs=true": '(did you mean reference = "precompute"?)',
         "train.precompute_ref_log_probs=true": '(did you mean [dpo] reference = "precompute"?)',
         "train.optim=adamw_torch": "(the optimizer is always AdamW, set by [train] betas, adam_eps and weight_decay)",
-        "train.beta=0.1": "(did you mean [dpo] beta or [kto] beta?)",  # a key of other sections
+        "train.beta=0.1": "(did you mean [dpo] beta or [kto] beta or [grpo] beta?)",  # a key of other sections
         "model.hidden_size=64": "(did you mean [model.init] hidden_size?)",
     }
     for override, hint in expected.items():

@@ -1,7 +1,7 @@
 """FSDP2 under torchrun, on CPU with gloo: two ranks train like one process with the same global batch,
 only rank 0 reads the checkpoint (rank 1 fills its shards from rank 0's broadcast; tied embeddings stay
 tied), sharded checkpoints resume (on 2 ranks and on 1), the consolidated export is the trained model,
-and dpo and ppo complete. The torchrun runs launch tests/dist_worker.py (`minirlhf train` plus measurements);
+and dpo, ppo and grpo complete. The torchrun runs launch tests/dist_worker.py (`minirlhf train` plus measurements);
 each takes ~10 s on 2 cores, the whole file about a minute.
 """
 
@@ -281,3 +281,26 @@ def test_ppo_with_lora_on_two_ranks(tiny):
     samples = (out / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 4
     assert (out / "adapter_model.safetensors").exists() and (out / "critic" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_grpo_on_two_ranks(tiny):
+    """Full fine-tuning with beta > 0 (a frozen reference copy, sharded like the policy), two passes per rollout
+    and dynamic sampling (the ranks agree on the rounds): completes, starts with zero KL, writes samples once, and
+    the exported policy loads."""
+    out = tiny["root"] / "grpo"
+    sets = base_sets(tiny, tiny["prompts"], out) + [
+        'grpo.reward_functions=["minirlhf.rewards:soft_overlong_penalty"]',
+        'grpo.reward_kwargs={"minirlhf.rewards:soft_overlong_penalty" = {max_length = 5, cache_length = 4}}',
+        "grpo.prompts_per_rollout=2", "grpo.samples_per_prompt=2", "grpo.micro_batch_size=2", "grpo.max_new_tokens=6",
+        "grpo.beta=0.1", "grpo.num_iterations=2", "grpo.dynamic_sampling=true", "grpo.max_extra_rollouts=1",
+        "grpo.log_samples_every=1", "train.max_steps=2"]
+    report = torchrun(2, "grpo", sets, tiny["root"] / "grpo.json")
+    assert_frozen_sharded(report, 1)  # the reference copy
+    kl = metric(out, "kl")
+    assert sorted(kl) == [1, 2] and kl[1] == pytest.approx(0.0, abs=1e-6)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metric(out, "loss").values())
+    assert set(metric(out, "dynamic_sampling/extra_rollouts").values()) <= {0.0, 1.0}
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2 * 4
+    Transformer.from_pretrained(out)

@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline on the bundled demo task, on CPU, in minutes.
 
-    data + tokenizer -> pt (fresh tiny llama) -> sft -> rm -> dpo, kto, ppo
+    data + tokenizer -> pt (fresh tiny llama) -> sft -> rm -> dpo, kto, ppo; grpo (the gold judge as its reward)
 
 Each stage is the real CLI (`minirlhf train --stage S --config configs/demo/S.toml`); at the end the gold
 score of every policy (`minirlhf eval` with the gold judge as its reward function, see evaluate.py) is
@@ -19,8 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "demo"
 OUT = REPO / "runs" / "demo"  # the demo configs point here
-POLICY_STAGES = ("pt", "sft", "dpo", "kto", "ppo")  # stages whose output is a policy to score
-PIPELINE = ("pt", "sft", "rm", "dpo", "kto", "ppo")
+POLICY_STAGES = ("pt", "sft", "dpo", "kto", "ppo", "grpo")  # stages whose output is a policy to score
+PIPELINE = ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo")
 
 
 def prepare(vocab_size: int = 1024) -> None:
@@ -56,7 +56,8 @@ def combined_curves(stages: list[str]) -> Path | None:
     except ImportError:
         return None
     wanted = {"pt": ["loss", "eval/loss"], "sft": ["loss", "eval/loss"], "rm": ["loss", "eval/accuracy"],
-              "dpo": ["loss", "rewards/margins"], "kto": ["loss", "rewards/margins"], "ppo": ["score/mean", "kl"]}
+              "dpo": ["loss", "rewards/margins"], "kto": ["loss", "rewards/margins"], "ppo": ["score/mean", "kl"],
+              "grpo": ["reward", "completions/mean_length"]}
     fig, axes = plt.subplots(len(stages), 2, figsize=(9, 2.3 * len(stages)), squeeze=False)
     for row, stage in zip(axes, stages):
         path = OUT / stage / "metrics.jsonl"

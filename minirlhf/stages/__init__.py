@@ -35,6 +35,7 @@ REGISTRY: dict[str, str] = {
     "dpo": "minirlhf.stages.dpo",
     "kto": "minirlhf.stages.kto",
     "ppo": "minirlhf.stages.ppo",
+    "grpo": "minirlhf.stages.grpo",
 }
 
 

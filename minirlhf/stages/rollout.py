@@ -1,4 +1,4 @@
-"""Experience for online RL (ppo; grpo shares it): sample answers to a batch of prompts, measure them with
+"""Experience for online RL (ppo and grpo): sample answers to a batch of prompts, measure them with
 every model involved (`make_rollout`), score them and shape the scores into rewards (`ScoreShaping`).
 
     prompts [P columns, left padded] --policy.generate (KV cache, no grad)--> answers [N columns]
@@ -100,6 +100,33 @@ class Rollout:
         return Rollout(**out)
 
 
+def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """The rows of several rollouts as one (e.g. groups kept from several generation rounds): prompts left
+    padded to the widest prompt, answers right padded to the longest answer, per-row tensors stacked. Extra
+    padding changes no row's result (positions count from each row's first real token). A field must be set
+    in every part or in none."""
+    P = max(r.prompt_len for r in parts)
+    N = max(r.response_mask.shape[1] for r in parts)
+    out = {"prompt_len": P}
+    for f in fields(Rollout):
+        if f.name == "prompt_len":
+            continue
+        values = [getattr(r, f.name) for r in parts]
+        if all(v is None for v in values):
+            out[f.name] = None
+            continue
+        widened = []
+        for r, v in zip(parts, values):
+            if v.dim() == 2:  # sequence columns [P_r + N_r], or answer columns [N_r]
+                sequence = f.name in ("input_ids", "attention_mask")
+                answer_width = v.shape[1] - (r.prompt_len if sequence else 0)
+                left = P - r.prompt_len if sequence else 0
+                v = torch.nn.functional.pad(v, (left, N - answer_width), value=pad_id if f.name == "input_ids" else 0)
+            widened.append(v)
+        out[f.name] = torch.cat(widened)
+    return Rollout(**out)
+
+
 # A scorer maps a rollout (its sequences, masks and answer tokens) to one score per row, [B] float32.
 # The reward model is one (`RewardModelScorer`); a Python function of the decoded text is another
 # (`text_scorer`).
@@ -197,15 +224,18 @@ def make_rollout(
     critic: RewardModel | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     dist: DistContext | None = None,
+    measure_policy: bool = True,
 ) -> tuple[Rollout, float]:
     """Sample answers to a batch of prompts and measure them: generate (`generate_rollout`, the policy's
     weights gathered under torchrun), then per micro-batch of micro_batch_size sequences the policy's
-    log-probs and entropy, the reference's log-probs (when there is a reference) and the critic's values
-    (when there is a critic), all in eval mode (log-probs without dropout: the first PPO ratio is 1) and
-    without gradients.
+    log-probs and entropy (unless measure_policy is False: an on-policy update takes them from its own
+    forward), the reference's log-probs (when there is a reference) and the critic's values (when there
+    is a critic), all in eval mode (log-probs without dropout: the first PPO ratio is 1) and without
+    gradients.
 
     prompts: input_ids, attention_mask [Bp, P] left padded. Returns the Rollout (logprobs, ref_logprobs,
-    entropy, values filled; scores left to the caller) and the seconds spent generating.
+    entropy, values filled, or None when not measured; scores left to the caller) and the seconds spent
+    generating.
     """
     start = time.perf_counter()
     with gathered(policy, dist):
@@ -224,15 +254,17 @@ def make_rollout(
             rows = rows.to(rollout.input_ids.device)
             ids, mask, resp = rollout.input_ids[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
             with autocast():
-                lp, ent = response_logprobs(policy, ids, mask, resp, P, temperature, with_entropy=True)
+                if measure_policy:
+                    lp, ent = response_logprobs(policy, ids, mask, resp, P, temperature, with_entropy=True)
+                    logprobs.append(lp.float())
+                    entropy.append(ent)
                 if reference is not None:
                     ref, _ = reference.run(response_logprobs, ids, mask, resp, P, temperature)
                     ref_logprobs.append(ref.float())
                 if critic is not None:
                     values.append(response_values(critic, ids, mask, resp, P).float())
-            logprobs.append(lp.float())
-            entropy.append(ent)
-        rollout.logprobs, rollout.entropy = torch.cat(logprobs), torch.cat(entropy)
+        rollout.logprobs = torch.cat(logprobs) if logprobs else None
+        rollout.entropy = torch.cat(entropy) if entropy else None
         rollout.ref_logprobs = torch.cat(ref_logprobs) if ref_logprobs else None
         rollout.values = torch.cat(values) if values else None
     finally:

@@ -76,5 +76,5 @@ def test_a_stage_is_one_file_and_one_registry_line(toy, tiny_tok, tmp_path, caps
 
 
 def test_an_unregistered_stage_is_refused_with_the_registered_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"stage must be one of pt, sft, rm, dpo, kto, ppo, got \"toy\""):
+    with pytest.raises(ConfigError, match=r"stage must be one of pt, sft, rm, dpo, kto, ppo, grpo, got \"toy\""):
         load_config(None, ["model.path=m", 'data.train_files=["d"]'], stage="toy")
