@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from minirlhf import kernels
+from minirlhf.kernels.fused_cross_entropy import cpu_chunk_size
 from minirlhf.lora import LoRALinear, effective_weight
-from minirlhf.losses import IGNORE_INDEX, lm_loss, token_logps
+from minirlhf.losses import IGNORE_INDEX, entropy_from_logits, lm_loss, token_logps
 from minirlhf.model import Transformer
 
 
@@ -63,6 +64,26 @@ def head_logprobs(model: Transformer, hidden: torch.Tensor, labels: torch.Tensor
                                        temperature=temperature, backend=model.kernel_backend)
         return flat.view(B, N)
     return token_logps(model.lm_head(hidden), labels, ignore_index=IGNORE_INDEX, temperature=temperature)
+
+
+@torch.no_grad()
+def head_entropy(model: Transformer, hidden: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                 chunk: int | None = None) -> torch.Tensor:
+    """Entropy of softmax(lm_head(hidden) / temperature) where `mask` is True, 0 elsewhere (a diagnostic:
+    no gradient). The LM head runs on the masked positions only, `chunk` of them at a time (default
+    kernels' cpu_chunk_size: 128 MB of fp32 logits), so the [B, N, V] logits never exist at once.
+
+    hidden: [B, N, H], mask: [B, N] bool  ->  [B, N] float32.
+    """
+    rows = hidden[mask]  # [M, H]
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    if rows.shape[0] == 0:
+        return out
+    step = chunk or cpu_chunk_size(rows.shape[0], model.config.vocab_size)
+    values = torch.cat([entropy_from_logits(model.lm_head(rows[i: i + step]).float() / temperature)
+                        for i in range(0, rows.shape[0], step)])  # [M]
+    out[mask] = values
+    return out
 
 
 def label_logprobs(model: Transformer, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import minirlhf.kernels.fused_cross_entropy as xent
 from minirlhf.kernels.fused_cross_entropy import linear_cross_entropy_chunked, linear_logprobs_chunked
-from minirlhf.logprobs import causal_lm_loss, head_logprobs, label_logprobs
+from minirlhf.logprobs import causal_lm_loss, head_entropy, head_logprobs, label_logprobs
 from minirlhf.lora import LoRAConfig, inject_lora
 from minirlhf.losses import IGNORE_INDEX, lm_loss, token_logps
 from minirlhf.model import ModelConfig, Transformer
@@ -192,3 +192,20 @@ def test_never_materialises_full_logits():
     with LargestTensor() as watch:
         unchunked_loss(model, batch).backward()
     assert watch.numel >= full  # the watcher does see the unchunked logits
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_head_entropy_matches_the_full_logits(chunk):
+    """The rollout's entropy diagnostic, a chunk of masked positions at a time, against softmax entropy of
+    the full logits in float64 (H = -sum p log p), 0 where the mask is False."""
+    model = tiny_model(seed=3)
+    batch = make_batch(seed=4)
+    mask = batch["labels"] != IGNORE_INDEX  # [B, T]: 29 positions of 39, so chunk 5 ends in a partial one
+    with torch.no_grad():
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
+        logp = torch.log_softmax(model.lm_head(hidden).double() / 0.7, dim=-1)
+    expected = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0.0)
+    actual = head_entropy(model, hidden, mask, temperature=0.7, chunk=chunk)
+    assert actual.dtype == torch.float32 and actual.shape == mask.shape
+    assert (actual[~mask] == 0).all()
+    assert rel_err(actual, expected) < REL

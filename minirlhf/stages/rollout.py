@@ -33,8 +33,8 @@ import torch
 from minirlhf.batching import collate_prompts
 from minirlhf.distributed import DistContext, frozen_forwards, gather_cat, gathered
 from minirlhf.heads import RewardModel
-from minirlhf.logprobs import head_logprobs
-from minirlhf.losses import IGNORE_INDEX, entropy_from_logits, mask_truncated_completions
+from minirlhf.logprobs import head_entropy, head_logprobs
+from minirlhf.losses import IGNORE_INDEX, mask_truncated_completions
 from minirlhf.model import Transformer
 
 if TYPE_CHECKING:
@@ -184,18 +184,15 @@ def response_logprobs(
 
     input_ids, attention_mask: [B, P + N]; response_mask: [B, N]. Returns ([B, N] float32, 0 where the mask
     is False; [B, N] or None). The LM head is applied to the N answer positions only and through the
-    fused kernel (minirlhf/kernels), so the [B, N, V] logits exist only for the entropy diagnostic.
+    fused kernel (minirlhf/kernels), and the entropy a chunk of positions at a time (logprobs.head_entropy):
+    the [B, N, V] logits never exist at once.
     The temperature is the sampling one: the ratio pi / pi_old is taken between the distributions the
     answers were drawn from (top-k / top-p truncation is not modelled).
     """
     hidden = model.hidden_states(input_ids, attention_mask)[:, prompt_len - 1: -1]  # (B, N, H)
     labels = input_ids[:, prompt_len:].masked_fill(~response_mask.bool(), IGNORE_INDEX)  # (B, N)
     logps = head_logprobs(model, hidden, labels, temperature)  # (B, N)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(model.lm_head(hidden).float() / temperature)  # (B, N)
-            entropy = entropy.masked_fill(~response_mask.bool(), 0.0)
+    entropy = head_entropy(model, hidden, response_mask.bool(), temperature) if with_entropy else None
     return logps, entropy
 
 
