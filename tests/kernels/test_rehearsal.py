@@ -43,6 +43,9 @@ STAGE_SETS = {
     "kto": [],
     "ppo": ["ppo.prompts_per_rollout=2", "ppo.samples_per_prompt=2", "ppo.minibatch_size=2",
             "ppo.micro_batch_size=2", "ppo.max_new_tokens=4", "ppo.log_samples_every=0"],
+    "grpo": ["grpo.prompts_per_rollout=2", "grpo.samples_per_prompt=2", "grpo.micro_batch_size=2",
+             "grpo.max_new_tokens=4", "grpo.log_samples_every=0", "grpo.beta=0.05",
+             'grpo.reward_functions=["minirlhf.rewards:number_match"]'],
 }
 
 
@@ -62,6 +65,7 @@ def tiny(tmp_path_factory, tiny_tok):
         "rm": write_jsonl(root / "pref.jsonl", preference_rows(4)),
         "kto": write_jsonl(root / "kto.jsonl", kto_rows(4)),
         "ppo": write_jsonl(root / "prompts.jsonl", [{"prompt": prompt(i)} for i in range(4)]),
+        "grpo": write_jsonl(root / "task.jsonl", [{"prompt": prompt(i), "answer": str(i)} for i in range(4)]),
     }
     files["dpo"] = files["rm"]
     return {"root": root, "model": model, "rm": root / "rm", "files": files}
@@ -92,8 +96,8 @@ def test_stage_runs_under_bf16_autocast_with_triton(tiny, stage, dispatch_log, t
             "train.log_every=1", "train.warmup_steps=0", "data.cutoff_len=24", "data.shuffle=false"]
     if stage == "pt":
         sets.append("data.block_size=24")
-    if stage == "ppo":
-        sets.append(f"ppo.reward_model={json.dumps(str(tiny['rm']))}")
+    if stage in ("ppo", "grpo"):  # grpo: the reward model as a second reward source, beside number_match
+        sets.append(f"{stage}.reward_model={json.dumps(str(tiny['rm']))}")
     (tmp_path / "cfg.toml").write_text("")
     args = ["--stage", stage, "--config", str(tmp_path / "cfg.toml"), "--device", "cpu"]
     rc = train.main(args + [a for s in sets + STAGE_SETS[stage] for a in ("--set", s)])
