@@ -49,6 +49,7 @@ bench: $(STAMP) $(REAL_MODEL)/config.json
 	$(PYTHON) benchmarks/generate.py --model $(REAL_MODEL) --section all
 	$(PYTHON) benchmarks/train_step.py --model $(REAL_MODEL) --section all
 	$(PYTHON) benchmarks/grpo_step.py --model $(REAL_MODEL) --device cpu
+	$(PYTHON) benchmarks/rl_memory.py
 	$(PYTHON) benchmarks/tokenizer.py
 	$(PYTHON) benchmarks/load_memory.py
 	@$(PYTHON) benchmarks/results.py --since $$(cat .bench-start); rm -f .bench-start
