@@ -40,13 +40,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_model, today, versions
+from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_model, run_json, today, versions
 from step_worker import rss_gib
 
 sys.path.insert(0, str(ROOT))
@@ -200,12 +199,7 @@ def worker(args) -> None:
 
 
 def run_worker(side: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--data", args.data] + args.passed
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return run_json([sys.executable, __file__, "--worker", side, "--data", args.data] + args.passed)
 
 
 def device_label(args) -> str:

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from load_memory import proc_status
-from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_model, today, versions
+from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_model, run_json, today, versions
 
 sys.path.insert(0, str(ROOT))
 
@@ -137,13 +136,8 @@ def make_reward_model(directory: Path) -> None:
 
 
 def run_case(case: str, data: str, rm: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", case, "--data", data, "--rm", rm, "--threads", str(args.threads),
-           "--steps", str(args.steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return run_json([sys.executable, __file__, "--child", case, "--data", data, "--rm", rm, "--threads",
+                     str(args.threads), "--steps", str(args.steps)])
 
 
 def main() -> None:
