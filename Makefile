@@ -68,12 +68,13 @@ bench-gpu: $(STAMP)
 # two-digit arithmetic task (2000 train, 200 held-out problems), GRPO on CPU, then held-out accuracy before
 # and after (greedy, and pass@1 over 2 samples at temperature 1). SEED=1 for the second seed.
 ARITH ?= runs/smollm2_grpo_arith
+ARITH_DATA ?= data/arithmetic
 SEED ?= 0
-ARITH_EVAL = $(PYTHON) -m minirlhf eval --prompts $(ARITH)/data/eval.jsonl --reward-functions \
+ARITH_EVAL = $(PYTHON) -m minirlhf eval --prompts $(ARITH_DATA)/eval.jsonl --reward-functions \
 	minirlhf.rewards:number_match --samples 2 --temperature 1 --max-new-tokens 16 --batch-size 32
 
 grpo-arith-data: $(STAMP)
-	$(PYTHON) -m minirlhf.tasks.arithmetic $(ARITH)/data --train 2000 --eval 200 --seed 0
+	$(PYTHON) -m minirlhf.tasks.arithmetic $(ARITH_DATA) --train 2000 --eval 200 --seed 0
 
 grpo-arith: grpo-arith-data $(REAL_MODEL)/config.json
 	$(ARITH_EVAL) --policy $(REAL_MODEL) --out $(ARITH)/eval_before.json
