@@ -8,7 +8,7 @@ TRITON_PIN ?= triton==3.8.0
 RUFF_PIN ?= ruff==0.17.6
 STAMP := .venv-stamp
 
-.PHONY: setup demo test test-fast test-kernels bench bench-gpu lint clean
+.PHONY: setup demo test test-fast test-kernels bench bench-gpu grpo-arith-data grpo-arith lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
@@ -48,6 +48,8 @@ bench: $(STAMP) $(REAL_MODEL)/config.json
 	@$(PYTHON) benchmarks/results.py --mark > .bench-start
 	$(PYTHON) benchmarks/generate.py --model $(REAL_MODEL) --section all
 	$(PYTHON) benchmarks/train_step.py --model $(REAL_MODEL) --section all
+	$(PYTHON) benchmarks/grpo_step.py --model $(REAL_MODEL) --device cpu
+	$(PYTHON) benchmarks/rl_memory.py
 	$(PYTHON) benchmarks/tokenizer.py
 	$(PYTHON) benchmarks/load_memory.py
 	@$(PYTHON) benchmarks/results.py --since $$(cat .bench-start); rm -f .bench-start
@@ -59,7 +61,26 @@ bench-gpu: $(STAMP)
 	$(PYTHON) benchmarks/kernels.py
 	$(PYTHON) benchmarks/train_step.py --section mfu
 	$(PYTHON) benchmarks/fsdp_throughput.py
+	$(PYTHON) benchmarks/grpo_step.py --model $(REAL_MODEL) --device cuda --prompts 16 --max-new-tokens 64
 	@$(PYTHON) benchmarks/results.py --since $$(cat .bench-start); rm -f .bench-start
+
+# The real-model GRPO recipe (configs/examples/smollm2_grpo_arith.toml, docs/grpo.md "Recipe"): the generated
+# two-digit arithmetic task (2000 train, 200 held-out problems), GRPO on CPU, then held-out accuracy before
+# and after (greedy, and pass@1 over 2 samples at temperature 1). SEED=1 for the second seed.
+ARITH ?= runs/smollm2_grpo_arith
+ARITH_DATA ?= data/arithmetic
+SEED ?= 0
+ARITH_EVAL = $(PYTHON) -m minirlhf eval --prompts $(ARITH_DATA)/eval.jsonl --reward-functions \
+	minirlhf.rewards:number_match --samples 2 --temperature 1 --max-new-tokens 16 --batch-size 32
+
+grpo-arith-data: $(STAMP)
+	$(PYTHON) -m minirlhf.tasks.arithmetic $(ARITH_DATA) --train 2000 --eval 200 --seed 0
+
+grpo-arith: grpo-arith-data $(REAL_MODEL)/config.json
+	$(ARITH_EVAL) --policy $(REAL_MODEL) --out $(ARITH)/eval_before.json
+	$(PYTHON) train.py --config configs/examples/smollm2_grpo_arith.toml --set model.path=$(REAL_MODEL) \
+		--set train.seed=$(SEED) --set train.output_dir=$(ARITH)/seed$(SEED) --overwrite
+	$(ARITH_EVAL) --policy $(ARITH)/seed$(SEED) --out $(ARITH)/eval_after_seed$(SEED).json
 
 # ruff pinned, with the rules of pyproject.toml: pycodestyle, pyflakes, import order, bugbear, complexity <= 12
 lint:

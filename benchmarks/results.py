@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import platform
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository; scripts put it on sys.path for minirlhf
@@ -72,6 +74,16 @@ def require_model(path: Path) -> None:
     if not (Path(path) / "config.json").is_file():
         raise SystemExit(f"{path}: no model directory here; build it with `bash ../shared/real-models/smollm2.sh "
                          f"{path}` (what `make bench` does), or pass --model DIR")
+
+
+def run_json(cmd: list[str]) -> dict:
+    """Run a benchmark's worker process and return the JSON object of its last stdout line that starts with
+    "{"; a failed worker stops the benchmark with the command and the tail of its stderr."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def ratio_table(rows: list[list[str]]) -> str:
