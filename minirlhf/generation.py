@@ -220,11 +220,13 @@ def generate(
     model.setup_kv_cache(B, S)
     try:
         prepack = not compile and not torch.is_autocast_enabled(device.type)
+        # the prefill runs on the modules' own weights: its [B * P, H] products gain nothing from weights
+        # packed for B rows (measured slower: 2.7 against 2.1 s for 32 x 46 tokens of SmolLM2, fp32)
+        hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask),
+                                   torch.arange(P, device=device), prefill_mask(prompt_mask, S, dtype))
         with inference_weights(model, B, prepack) if fused_weights else nullcontext() as frozen_head:
             head = frozen_head or model.lm_head
             step = compiled_step(model) if compile else model.decode_step
-            hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask),
-                                       torch.arange(P, device=device), prefill_mask(prompt_mask, S, dtype))
             logits = head(hidden[:, -1])  # (B, V): the LM head on the last position only
             mask = step_mask(prompt_mask, S, dtype)  # (B, 1, 1, S)
             slot = torch.full((1,), P, dtype=torch.long, device=device)
