@@ -6,6 +6,8 @@ layout mirrors minirlhf/ (tests/stages, tests/losses, tests/commands, tests/kern
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -18,6 +20,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # spends far more time spinning than computing on the tiny matrices of these tests (measured: 2 s vs
     # 0.01 s for one forward/backward of the tiny model), so the suite computes on one thread.
     torch.set_num_threads(1)
+    # A shell that starts a job in the background without job control (nohup, `cmd &` in a script) hands it
+    # SIGINT ignored, and every process it starts inherits that; the Ctrl-C tests (trainer, chat) would then
+    # test nothing. Python's own handler is what a terminal gives; children get the default disposition back.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
