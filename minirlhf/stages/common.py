@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
@@ -22,11 +22,12 @@ import torch.nn as nn
 from minirlhf.build import DTYPES, load_model, prepare_backbone
 from minirlhf.config import Config
 from minirlhf.distributed import frozen_forwards
+from minirlhf.errors import TrainingError
 from minirlhf.lora import base_state_dict, disable_adapters, has_lora
 from minirlhf.model import Transformer
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.toml_fields import ConfigError
-from minirlhf.trainer import Stage
+from minirlhf.trainer import Stage, Trainer
 
 
 def save_policy(model: Transformer, tok: Tokenizer, out_dir: Path, base: str = "") -> None:
@@ -112,3 +113,20 @@ def build_reference(cfg: Config, tok: Tokenizer, policy: Transformer, ref_path: 
     ref.eval()
     ref.activation_checkpointing = False  # it never runs backward
     return Reference(ref, adapters_off=False, source=source)
+
+
+def non_finite_error(trainer: Trainer, what: str) -> TrainingError:
+    """The one-line error of a rollout that went non-finite: where, and the checkpoint to go back to."""
+    return TrainingError(f"non-finite {what} in the rollout of step {trainer.step + 1}; {trainer.last_good()}. "
+                         f"Try a lower lr, fp32 precision, or check the models.")
+
+
+@contextmanager
+def non_finite_sampling(trainer: Trainer) -> Iterator[None]:
+    """Sampling from NaN/inf logits (torch.multinomial's RuntimeError) becomes `non_finite_error`."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "nan" not in str(e) or "inf" not in str(e):
+            raise
+        raise non_finite_error(trainer, "sampling probabilities (the policy's logits)") from None

@@ -63,7 +63,7 @@ from minirlhf.rewards import (
     score_completions,
 )
 from minirlhf.stages import StageSection, StageSpec
-from minirlhf.stages.common import PolicyStage, Reference, build_reference
+from minirlhf.stages.common import PolicyStage, Reference, build_reference, non_finite_sampling
 from minirlhf.stages.rollout import (
     RewardModelScorer,
     Rollout,
@@ -334,11 +334,12 @@ class GRPOStage(PolicyStage):
         p = self.cfg.grpo
         prompts = trainer.to_device(next(self.batches))
         start = time.perf_counter()
-        rollout, generating = make_rollout(
-            self.model, prompts, samples_per_prompt=p.samples_per_prompt, max_new_tokens=p.max_new_tokens,
-            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop_ids=self.stop_ids, pad_id=self.tok.pad_id,
-            micro_batch_size=p.micro_batch_size, reference=self.reference, autocast=trainer.autocast,
-            dist=trainer.dist, measure_policy=self.updates_per_pass > 1)
+        with non_finite_sampling(trainer):
+            rollout, generating = make_rollout(
+                self.model, prompts, samples_per_prompt=p.samples_per_prompt, max_new_tokens=p.max_new_tokens,
+                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop_ids=self.stop_ids,
+                pad_id=self.tok.pad_id, micro_batch_size=p.micro_batch_size, reference=self.reference,
+                autocast=trainer.autocast, dist=trainer.dist, measure_policy=self.updates_per_pass > 1)
         measured = sync_time(rollout.input_ids)
         with trainer.autocast():
             rewards = self.score(rollout, prompts["prompts"], prompts["fields"], where)

@@ -40,7 +40,6 @@ from minirlhf.build import DTYPES, apply_lora, build_model, build_tokenizer, dis
 from minirlhf.config import Config
 from minirlhf.data import build_datasets, load_text_blocks
 from minirlhf.distributed import all_mean, world_size
-from minirlhf.errors import TrainingError
 from minirlhf.heads import RewardModel
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.lora import has_lora, merge_and_unload
@@ -58,7 +57,7 @@ from minirlhf.losses import (
 from minirlhf.model import Transformer
 from minirlhf.optimization import decay_groups
 from minirlhf.stages import StageSection, StageSpec
-from minirlhf.stages.common import Reference, build_reference, save_policy
+from minirlhf.stages.common import Reference, build_reference, non_finite_error, non_finite_sampling, save_policy
 from minirlhf.stages.rollout import (
     RewardModelScorer,
     Rollout,
@@ -403,12 +402,8 @@ class PPOStage(Stage):
     def train_step(self, trainer: Trainer) -> StepResult:
         prompts = trainer.to_device(next(self.batches))
         kl_coef = self.kl_ctl.value
-        try:
+        with non_finite_sampling(trainer):
             rollout, timings = self.experience(prompts, trainer)
-        except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
-            if "nan" not in str(e) or "inf" not in str(e):
-                raise
-            raise non_finite_error(trainer, "sampling probabilities (the policy's logits)") from None
         bad = non_finite_parts(rollout)
         if all_mean(float(bool(bad))) > 0:  # every rank stops, not only the one that saw it
             raise non_finite_error(trainer, " and ".join(bad) or "values on another rank")
@@ -466,12 +461,6 @@ class PPOStage(Stage):
                 critic = copy.deepcopy(critic)
                 merge_and_unload(critic.backbone)
             critic.save_pretrained(Path(out_dir) / "critic", tokenizer=self.tok)
-
-
-def non_finite_error(trainer: Trainer, what: str) -> TrainingError:
-    """The one-line error of a rollout that went non-finite: where, and the checkpoint to go back to."""
-    return TrainingError(f"non-finite {what} in the rollout of step {trainer.step + 1}; {trainer.last_good()}. "
-                         f"Try a lower lr, fp32 precision, or check the models.")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minirlhf.errors import TrainingError
 from minirlhf.heads import RewardModel
 from minirlhf.model import Transformer
 from minirlhf.rewards import RewardError
@@ -351,6 +352,27 @@ def test_a_reward_of_the_wrong_length_names_the_function_and_the_step(tiny, tmp_
     with pytest.raises(RewardError, match=r"^reward function '.*my_rewards.py:one_short' returned 7 rewards for 8 "
                                           r"completions; expected exactly one per completion \(step 1\)$"):
         stage.train_step(Trainer(cfg, stage, "cpu"))
+
+
+def test_sampling_from_a_non_finite_policy_stops_with_one_line_and_the_last_checkpoint(tiny, tmp_path):
+    """Step 1 trains and is checkpointed; before step 2 the policy's final norm turns NaN, so its sampling
+    probabilities are NaN: a TrainingError naming the step and the checkpoint, as ppo gives."""
+    cfg = grpo_config(tiny, tmp_path / "out", "train.save_every=1")
+    stage = build_stage(cfg)
+    step = stage.train_step
+
+    def poison_then_step(trainer):
+        if trainer.step == 1:
+            with torch.no_grad():
+                stage.model.norm.weight.fill_(float("nan"))
+        return step(trainer)
+
+    stage.train_step = poison_then_step
+    with pytest.raises(TrainingError) as err:
+        Trainer(cfg, stage, "cpu").fit()
+    message = str(err.value)
+    assert message.startswith("non-finite sampling probabilities") and "\n" not in message, message
+    assert "step 2" in message and str(tmp_path / "out" / "checkpoints" / "step-0000001") in message
 
 
 def test_the_python_api_refuses_a_stage_without_reward_sources(tiny, tmp_path):
