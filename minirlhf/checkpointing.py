@@ -133,11 +133,12 @@ def _save_sharded(tmp: Path, final: Path, state: dict[str, Any], rng: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    distributed.save_sharded(tmp, model, optimizer)
+    distributed.save_sharded(tmp, model, optimizer)  # DCP fsyncs the shard files it writes
     files = save_tree(rng, tmp, f"rng-{dist.rank}")
     if dist.is_main:
-        save_tree({**state, "world_size": dist.world_size}, tmp, "state")
-        files = list(tmp.iterdir())
+        files += save_tree({**state, "world_size": dist.world_size}, tmp, "state")
+    # each rank syncs the files it wrote: a listing of the folder taken now could hold another rank's
+    # half-written file under its temporary name, gone (renamed) by the time it is opened
     fsync_files(files)
     dist.barrier()
     if dist.is_main:

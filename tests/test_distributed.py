@@ -304,3 +304,43 @@ def test_grpo_on_two_ranks(tiny):
     assert set(metric(out, "dynamic_sampling/extra_rollouts").values()) <= {0.0, 1.0}
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2 * 4
     Transformer.from_pretrained(out)
+
+
+def test_a_sharded_save_syncs_only_its_own_files_while_other_ranks_still_write(tmp_path, monkeypatch):
+    """Rank 0 used to fsync a listing of the checkpoint folder taken while rank 1 was still writing: rank 1's
+    safetensors temp file (".tmpXXXXXX") was in the listing and renamed before rank 0 opened it, so the save
+    failed with "No such file or directory" (seen once in CI). Here "rank 1" leaves such a file during rank 0's
+    save and renames it away before rank 0 syncs; the save completes and syncs only rank 0's files."""
+    import minirlhf.checkpointing as ckpt
+    from minirlhf import distributed
+
+    class RankZero:
+        rank, world_size, is_main = 0, 2, True
+
+        def barrier(self):
+            pass
+
+    stray = {}
+
+    def other_rank_writes(path, model, optimizer):
+        stray["path"] = Path(path) / ".tmpNCxtP6"  # rank 1's rng file, half-written under its temp name
+        stray["path"].write_bytes(b"partial")
+
+    real_save_tree = ckpt.save_tree
+
+    def save_tree_then_other_rank_renames(tree, folder, name):
+        files = real_save_tree(tree, folder, name)
+        if stray["path"].exists():
+            stray["path"].rename(Path(folder) / "rng-1.json")  # rank 1 finishes: its temp file is renamed
+        return files
+
+    synced: list[Path] = []
+    real_fsync = ckpt.fsync_files
+    monkeypatch.setattr(distributed, "save_sharded", other_rank_writes)
+    monkeypatch.setattr(ckpt, "save_tree", save_tree_then_other_rank_renames)
+    monkeypatch.setattr(ckpt, "fsync_files", lambda files: (synced.extend(files), real_fsync(files)))
+    model = torch.nn.Linear(2, 2)
+    final = ckpt.save_checkpoint(tmp_path, {"step": 3}, {"python": [1, 2]}, model,
+                                 torch.optim.AdamW(model.parameters()), keep_last=2, dist=RankZero())
+    assert final == tmp_path / "checkpoints" / "step-0000003" and final.is_dir()
+    assert sorted(p.name for p in synced) == ["rng-0.json", "state.json"]
