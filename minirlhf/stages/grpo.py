@@ -407,9 +407,7 @@ class GRPOStage(PolicyStage):
         logprobs, entropy = response_logprobs(self.model, batch.input_ids, batch.attention_mask, batch.response_mask,
                                               batch.prompt_len, p.temperature, with_entropy=with_entropy)
         old = batch.logprobs if batch.logprobs is not None else logprobs.detach()
-        mask = batch.response_mask
-        if p.mask_truncated_completions:
-            mask = mask & batch.has_stop[:, None]
+        mask = self.loss_mask(batch.response_mask, batch.has_stop)
         loss, stats = grpo_policy_loss(
             logprobs, old, batch.advantages, mask, loss_type=p.loss_type, epsilon_low=p.epsilon,
             epsilon_high=p.epsilon_high or None, importance_sampling_level=p.importance_sampling_level,
@@ -419,12 +417,17 @@ class GRPOStage(PolicyStage):
             loss = loss / n_micro
         return loss, stats, logprobs.detach(), entropy
 
+    def loss_mask(self, response_mask: torch.Tensor, has_stop: torch.Tensor) -> torch.Tensor:
+        """The tokens the loss reads, [b, N] bool: the answer tokens, less the answers cut at max_new_tokens when
+        mask_truncated_completions is on (DAPO sec. 3.4)."""
+        if self.cfg.grpo.mask_truncated_completions:
+            return response_mask & has_stop[:, None]
+        return response_mask
+
     def loss_tokens(self, rollout: Rollout, rows: torch.Tensor, trainer: Trainer) -> float:
         """The loss tokens of a minibatch summed over ranks and divided by their number: dapo's and cispo's
         normaliser (gradients are averaged over ranks)."""
-        mask = rollout.response_mask[rows]
-        if self.cfg.grpo.mask_truncated_completions:
-            mask = mask & rollout.has_stop[rows][:, None]
+        mask = self.loss_mask(rollout.response_mask[rows], rollout.has_stop[rows])
         tokens = float(mask.sum())
         if trainer.dist is None:
             return tokens
@@ -439,34 +442,37 @@ class GRPOStage(PolicyStage):
         n_micro = size // p.micro_batch_size
         record = rollout.logprobs is None and p.num_iterations > 1
         recorded = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=device) if record else None
-        sums: dict[str, float] = {}
-        entropy_sum, entropy_tokens, updates = 0.0, 0.0, 0
+        # float64 device accumulators, read once at the end: a float() per micro-batch would wait for its backward
+        sums: dict[str, torch.Tensor] = {}
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        entropy_sum, entropy_tokens, updates = zero, zero, 0
+        minibatches = [torch.arange(start, start + size, device=device) for start in range(0, n, size)]
+        num_items = [self.loss_tokens(rollout, rows, trainer) for rows in minibatches]  # the same every pass
         for iteration in range(p.num_iterations):
-            for start in range(0, n, size):
-                rows = torch.arange(start, start + size, device=device)
-                num_items = self.loss_tokens(rollout, rows, trainer)
+            for rows, tokens in zip(minibatches, num_items):
                 for micro in rows.split(p.micro_batch_size):
                     batch = rollout.select(micro)
                     with trainer.autocast():
-                        loss, stats, logprobs, entropy = self.micro_batch_loss(batch, num_items, n_micro,
+                        loss, stats, logprobs, entropy = self.micro_batch_loss(batch, tokens, n_micro,
                                                                                with_entropy=iteration == 0)
                     trainer.backward(loss, stats)
                     if recorded is not None:
                         recorded[micro, : logprobs.shape[1]] = logprobs.float()
                     if entropy is not None:
-                        entropy_sum += float((entropy * batch.response_mask).sum())
-                        entropy_tokens += float(batch.response_mask.sum())
+                        entropy_sum = entropy_sum + (entropy * batch.response_mask).sum().double()
+                        entropy_tokens = entropy_tokens + batch.response_mask.sum().double()
                     for k, v in {"loss": loss.detach(), **{k: v / n_micro for k, v in stats.items()}}.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
+                        sums[k] = sums.get(k, zero) + v.double()
                 grad = trainer.optimizer_step()
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad["grad_norm"]
+                sums["grad_norm"] = sums.get("grad_norm", zero) + grad["grad_norm"]
                 updates += 1
             if recorded is not None and iteration == 0:
                 rollout.logprobs = recorded
+        sums = {k: float(v) for k, v in sums.items()}
         out = {"loss": sums["loss"] / updates, "grad_norm": sums["grad_norm"] / updates,
                "clip_ratio/low_mean": sums["clip_low"] / updates, "clip_ratio/high_mean": sums["clip_high"] / updates,
                "clip_ratio/region_mean": sums["clip_region"] / updates, "updates": float(updates),
-               "entropy": entropy_sum / max(entropy_tokens, 1.0)}
+               "entropy": float(entropy_sum) / max(float(entropy_tokens), 1.0)}
         if "kl" in sums:
             out["kl"] = sums["kl"] / updates
         return out
