@@ -284,11 +284,15 @@ def _fields_for(fn: RewardFunction, fields: Mapping[str, Sequence[Any]]) -> dict
             if k not in bound and k not in CALL_ARGS and (takes_any or k in params)}
 
 
+def short_prompt(prompt: Any) -> str:
+    """A prompt as error messages show it: at most 60 characters."""
+    prompt = str(prompt)
+    return prompt if len(prompt) <= 60 else prompt[:57] + "..."
+
+
 def _row_label(i: int, prompts: Sequence[str], rows: Sequence[str] | None) -> str:
     where = rows[i] if rows is not None else f"row {i}"
-    prompt = str(prompts[i])
-    short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-    return f"{where} (prompt {short!r})"
+    return f"{where} (prompt {short_prompt(prompts[i])!r})"
 
 
 def _call(fn: RewardFunction, prompts: list[str], completions: list[str], fields: dict[str, Sequence[Any]],

@@ -61,6 +61,7 @@ from minirlhf.rewards import (
     load_reward_function,
     required_fields,
     score_completions,
+    short_prompt,
 )
 from minirlhf.stages import StageSection, StageSpec
 from minirlhf.stages.common import PolicyStage, Reference, build_reference, non_finite_sampling
@@ -236,10 +237,8 @@ def check_data_fields(functions: list[RewardFunction], examples: list[dict], spl
             if name in columns or name in STAGE_FIELDS or all(name not in e["fields"] for e in examples):
                 continue
             row = next(i for i, e in enumerate(examples) if name not in e["fields"])
-            prompt = str(examples[row]["prompt"])
-            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
             raise RewardError(f"reward function {fn.name!r} needs the field {name!r}, which {split} row {row + 1} "
-                              f"(prompt {shown!r}) lacks; add it to every row")
+                              f"(prompt {short_prompt(examples[row]['prompt'])!r}) lacks; add it to every row")
     check_reward_fields(functions, sorted(columns))
 
 
