@@ -35,7 +35,7 @@ class GenerationOutput:
     mask: torch.Tensor
 
 
-NUCLEUS_CANDIDATES = 1024  # top-p looks at the best this many tokens first (see filter_logits)
+NUCLEUS_CANDIDATES = 1024  # top-p looks at the best this many tokens first (see _top_candidates)
 
 
 def _nucleus(sorted_logits: torch.Tensor, log_total: torch.Tensor, top_p: float) -> torch.Tensor:

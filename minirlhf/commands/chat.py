@@ -136,9 +136,10 @@ class ChatSession:
 
     # -- the conversation ----------------------------------------------------------------------
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self, messages: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+        """The system turn (when set) and the messages (default: the whole conversation so far)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.messages
+        return system + (self.messages if messages is None else messages)
 
     def reset(self) -> None:
         self.messages = []
@@ -148,10 +149,8 @@ class ChatSession:
         assistant's next turn."""
         import jinja2
 
-        system = [{"role": "system", "content": self.system}] if self.system else []
         try:
-            text = self.tok.render_chat(self.conversation() if messages is None else system + messages,
-                                        add_generation_prompt=True)
+            text = self.tok.render_chat(self.conversation(messages), add_generation_prompt=True)
         except jinja2.TemplateError as e:
             raise ChatError(f"the chat template refuses this conversation: {e}") from None
         return self.tok.encode(text)
@@ -337,7 +336,6 @@ def chat_loop(session: ChatSession, verbose: bool = False, read: Callable[[str],
 
 def run(args: argparse.Namespace) -> int:
     from minirlhf.commands.loading import (
-        check_vocabulary,
         load_chat_tokenizer,
         load_policy,
         resolve_device,
@@ -348,8 +346,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     paths = resolve_model_paths(args.model, args.adapter)
     tok = load_chat_tokenizer(paths.tokenizer, args.template)
-    model = load_policy(paths, merge=args.merge, dtype=resolve_dtype(args.dtype), device=resolve_device(args.device))
-    check_vocabulary(tok, model.config.vocab_size, paths.describe())
+    model = load_policy(paths, merge=args.merge, dtype=resolve_dtype(args.dtype), device=resolve_device(args.device),
+                        tok=tok)
     limit = model.config.max_position_embeddings
     if args.context is not None and not 2 <= args.context <= limit:
         raise CommandError(f"--context must be in [2, {limit}] (the model's positions), got {args.context}")

@@ -252,7 +252,7 @@ def evaluate(policy: Side, prompts: Sequence[Prompt], settings: EvalSettings, *,
 def _load_side(target: str, adapter: str | None, merge: bool, dtype, device, template: str | None) -> Side:
     """A model directory (loaded) or a `minirlhf generate` output file (read)."""
     from minirlhf.commands.answer_file import read_answer_file
-    from minirlhf.commands.loading import check_vocabulary, load_chat_tokenizer, load_policy, resolve_model_paths
+    from minirlhf.commands.loading import load_chat_tokenizer, load_policy, resolve_model_paths
 
     if Path(target).is_file():
         if adapter is not None:
@@ -261,8 +261,7 @@ def _load_side(target: str, adapter: str | None, merge: bool, dtype, device, tem
         return Side(target, file_arguments=arguments, file_rows=rows)
     paths = resolve_model_paths(target, adapter)
     tok = load_chat_tokenizer(paths.tokenizer, template)
-    model = load_policy(paths, merge=merge, dtype=dtype, device=device)
-    check_vocabulary(tok, model.config.vocab_size, paths.describe())
+    model = load_policy(paths, merge=merge, dtype=dtype, device=device, tok=tok)
     return Side(paths.describe(), model=model, tok=tok)
 
 

@@ -202,7 +202,6 @@ def check_field_clash(prompts: Sequence[Prompt], path: str | Path, answer_field:
 def run(args: argparse.Namespace) -> int:
     from minirlhf.commands.answer_file import AnswerWriter, file_sha256
     from minirlhf.commands.loading import (
-        check_vocabulary,
         load_chat_tokenizer,
         load_policy,
         resolve_device,
@@ -237,8 +236,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.out}: resuming, {len(writer.done)} of {total} answers already there", file=sys.stderr)
 
     device = resolve_device(args.device)
-    model = load_policy(paths, merge=args.merge, dtype=resolve_dtype(args.dtype), device=device)
-    check_vocabulary(tok, model.config.vocab_size, paths.describe())
+    model = load_policy(paths, merge=args.merge, dtype=resolve_dtype(args.dtype), device=device, tok=tok)
     check_fits(prompts, args.prompts, sampling.max_new_tokens, model.config.max_position_embeddings)
     by_index = {p.index: p for p in prompts}
     counts = {"stop": 0, "length": 0}

@@ -162,9 +162,10 @@ def load_chat_tokenizer(path: str | Path, template: str | None = None, quiet: bo
 
 
 def load_policy(paths: ModelPaths, merge: bool = True, dtype: "torch.dtype | None" = None,
-                device: "torch.device | str" = "cpu") -> "Transformer":
+                device: "torch.device | str" = "cpu", tok: "Tokenizer | None" = None) -> "Transformer":
     """The causal LM of `paths` in eval mode: the base weights, with the adapter merged (or kept as LoRA
-    layers when merge is False)."""
+    layers when merge is False). tok: the tokenizer it will be fed, checked against its embeddings
+    (`check_vocabulary`)."""
     from minirlhf.model import Transformer
 
     _refuse_reward_model(paths.base)
@@ -177,6 +178,8 @@ def load_policy(paths: ModelPaths, merge: bool = True, dtype: "torch.dtype | Non
         model.to(device)
         if merge:
             merge_and_unload(model)
+    if tok is not None:
+        check_vocabulary(tok, model.config.vocab_size, paths.describe())
     return model.eval()
 
 
