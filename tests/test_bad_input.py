@@ -20,14 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minirlhf.commands import train
-from minirlhf.heads import RewardModel
 from minirlhf.model import Transformer
 from tests.tiny import (
     answer,
     preference_rows,
     prompt,
+    prompt_rows,
     tiny_model_config,
     tiny_model_dir,
+    tiny_reward_model_dir,
     write_jsonl,
 )
 
@@ -39,14 +40,13 @@ def good(tmp_path_factory, tiny_tok):
     """A working tiny model directory (llama, SentencePiece tokenizer), a reward model and data files."""
     root = tmp_path_factory.mktemp("bad_input")
     tok = tiny_tok
-    torch.manual_seed(1)
-    RewardModel(tiny_model_config(tok)).save_pretrained(root / "rm")
+    rm = tiny_reward_model_dir(root / "rm", tok)
     return {
-        "root": root, "tok": tok, "model": tiny_model_dir(root / "model", tok), "rm": root / "rm",
+        "root": root, "tok": tok, "model": tiny_model_dir(root / "model", tok), "rm": rm,
         "sft": write_jsonl(root / "sft.jsonl", [{"instruction": prompt(i), "output": answer(i, True)}
                                                 for i in range(4)]),
         "pref": write_jsonl(root / "pref.jsonl", preference_rows(4)),
-        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": prompt(i)} for i in range(4)]),
+        "prompts": write_jsonl(root / "prompts.jsonl", prompt_rows(4)),
     }
 
 

@@ -18,11 +18,20 @@ import torch
 
 from minirlhf.batching import BatchIterator
 from minirlhf.distributed import meta_copy
-from minirlhf.heads import RewardModel
 from minirlhf.model import Transformer
 from minirlhf.stages import sft
 from minirlhf.trainer import Trainer
-from tests.tiny import answer, preference_rows, prompt, tiny_config, tiny_model_config, tiny_model_dir, write_jsonl
+from tests.tiny import (
+    answer,
+    preference_rows,
+    prompt,
+    prompt_rows,
+    tiny_config,
+    tiny_model_config,
+    tiny_model_dir,
+    tiny_reward_model_dir,
+    write_jsonl,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -58,13 +67,12 @@ def tiny(tmp_path_factory, tiny_tok):
     root = tmp_path_factory.mktemp("dist")
     tok = tiny_tok
     tiny_model_dir(root / "policy", tok, seed=0)
-    torch.manual_seed(1)
-    RewardModel(tiny_model_config(tok)).save_pretrained(root / "rm")
+    tiny_reward_model_dir(root / "rm", tok)
     sft_rows = [{"instruction": prompt(i), "input": "", "output": answer(i, i % 2 == 0)} for i in range(48)]
     return {"root": root, "tok": tok, "policy": root / "policy", "rm": root / "rm",
             "sft": write_jsonl(root / "sft.jsonl", sft_rows),
             "pref": write_jsonl(root / "pref.jsonl", preference_rows(16)),
-            "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": prompt(i)} for i in range(16)])}
+            "prompts": write_jsonl(root / "prompts.jsonl", prompt_rows(16))}
 
 
 def base_sets(tiny, data: Path, out: Path) -> list[str]:

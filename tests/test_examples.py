@@ -21,6 +21,7 @@ from tests.tiny import (
     kto_rows,
     preference_rows,
     prompt,
+    prompt_rows,
     tiny_model_config,
     tiny_model_dir,
     write_jsonl,
@@ -141,7 +142,7 @@ def tiny(tmp_path_factory, tiny_tok):
         "pt": write_jsonl(root / "pt.jsonl", [{"text": prompt(i) + " " + answer(i, i % 2 == 0)} for i in range(n)]),
         "rm": write_jsonl(root / "pref.jsonl", preference_rows(n)),
         "kto": write_jsonl(root / "kto.jsonl", kto_rows(n)),
-        "ppo": write_jsonl(root / "prompts.jsonl", [{"prompt": prompt(i)} for i in range(n)]),
+        "ppo": write_jsonl(root / "prompts.jsonl", prompt_rows(n)),
         "grpo": write_jsonl(root / "arith.jsonl", [{"prompt": prompt(i), "answer": str(i)} for i in range(n)]),
     }
     files["dpo"] = files["rm"]

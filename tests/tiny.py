@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from minirlhf.config import Config, load_config
+from minirlhf.heads import RewardModel
 from minirlhf.model import ModelConfig, Transformer
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.tokenizer_training import train_sentencepiece
@@ -39,6 +40,11 @@ def answer(i: int, good: bool) -> str:
 def preference_rows(n: int, offset: int = 0) -> list[dict]:
     return [{"prompt": prompt(i), "chosen": answer(i, True), "rejected": answer(i, False), "score": 1.0 + i % 3}
             for i in range(offset, offset + n)]
+
+
+def prompt_rows(n: int) -> list[dict]:
+    """The first n prompts alone, as the rollout stages (ppo, grpo) read them."""
+    return [{"prompt": prompt(i)} for i in range(n)]
 
 
 def kto_rows(n: int, desirable_every: int = 2, offset: int = 0) -> list[dict]:
@@ -71,6 +77,14 @@ def tiny_model_dir(out_dir: Path, tok: Tokenizer, seed: int = 0, **overrides) ->
     torch.manual_seed(seed)
     Transformer(tiny_model_config(tok, **overrides)).save_pretrained(out_dir)
     tok.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def tiny_reward_model_dir(out_dir: Path, tok: Tokenizer, seed: int = 1, **overrides) -> Path:
+    """A freshly initialised tiny reward model (the tiny llama with a scalar head) saved in HF format;
+    overrides: ModelConfig fields."""
+    torch.manual_seed(seed)
+    RewardModel(tiny_model_config(tok, **overrides)).save_pretrained(out_dir)
     return out_dir
 
 

@@ -24,7 +24,7 @@ from minirlhf.heads import RewardModel
 from minirlhf.losses import IGNORE_INDEX
 from minirlhf.model import Transformer
 from minirlhf.tokenizer_training import train_sentencepiece
-from tests.tiny import constant_model_dir, prompt, tiny_model_dir, write_jsonl
+from tests.tiny import constant_model_dir, prompt, prompt_rows, tiny_model_dir, write_jsonl
 
 REWARD_FUNCTIONS = '''
 def starts_with_answer(prompts, completions, answer, **fields):
@@ -282,7 +282,7 @@ def test_answer_files_pair_with_models_on_the_same_prompts(tiny, tmp_path, capsy
                       str(tiny["prompts"]), "--max-new-tokens", "4")
     assert m["greedy/baseline_reward"]["value"] == pytest.approx(direct["greedy/reward"]["value"], abs=1e-6)
 
-    other = write_jsonl(tmp_path / "other_prompts.jsonl", [{"prompt": prompt(i)} for i in range(3)])
+    other = write_jsonl(tmp_path / "other_prompts.jsonl", prompt_rows(3))
     assert cli.main(["eval", "--policy", str(answers), "--baseline", str(tiny["baseline"]), "--reward-model",
                      str(tiny["rm"]), "--prompts", str(other)]) == 2
     assert "answers another prompts file" in capsys.readouterr().err

@@ -19,7 +19,6 @@ import torch
 
 import minirlhf.kernels as K
 from minirlhf.commands import train
-from minirlhf.heads import RewardModel
 from minirlhf.logprobs import causal_lm_loss
 from minirlhf.model import Transformer
 from tests.kernels.kernel_utils import needs_triton
@@ -28,8 +27,9 @@ from tests.tiny import (
     kto_rows,
     preference_rows,
     prompt,
-    tiny_model_config,
+    prompt_rows,
     tiny_model_dir,
+    tiny_reward_model_dir,
     write_jsonl,
 )
 
@@ -55,8 +55,7 @@ def tiny(tmp_path_factory, tiny_tok):
     root = tmp_path_factory.mktemp("rehearsal")
     tok = tiny_tok
     model = tiny_model_dir(root / "model", tok, num_hidden_layers=1)
-    torch.manual_seed(1)
-    RewardModel(tiny_model_config(tok, num_hidden_layers=1)).save_pretrained(root / "rm")
+    tiny_reward_model_dir(root / "rm", tok, num_hidden_layers=1)
     (root / "pt.txt").write_text("\n\n".join(answer(i, i % 2 == 0) for i in range(4)) + "\n")
     files = {
         "pt": root / "pt.txt",
@@ -64,7 +63,7 @@ def tiny(tmp_path_factory, tiny_tok):
                                                 for i in range(4)]),
         "rm": write_jsonl(root / "pref.jsonl", preference_rows(4)),
         "kto": write_jsonl(root / "kto.jsonl", kto_rows(4)),
-        "ppo": write_jsonl(root / "prompts.jsonl", [{"prompt": prompt(i)} for i in range(4)]),
+        "ppo": write_jsonl(root / "prompts.jsonl", prompt_rows(4)),
         "grpo": write_jsonl(root / "task.jsonl", [{"prompt": prompt(i), "answer": str(i)} for i in range(4)]),
     }
     files["dpo"] = files["rm"]

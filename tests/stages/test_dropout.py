@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minirlhf.heads import RewardModel
 from minirlhf.lora import lora_layers
 from minirlhf.stages import dpo, kto, ppo, rm
 from minirlhf.stages.rollout import response_logprobs, response_values
@@ -21,10 +20,10 @@ from minirlhf.trainer import Trainer
 from tests.tiny import (
     kto_rows,
     preference_rows,
-    prompt,
+    prompt_rows,
     tiny_config,
-    tiny_model_config,
     tiny_model_dir,
+    tiny_reward_model_dir,
     write_jsonl,
 )
 
@@ -34,10 +33,9 @@ def tiny(tmp_path_factory, tiny_tok):
     root = tmp_path_factory.mktemp("dropout")
     tok = tiny_tok
     policy = tiny_model_dir(root / "policy", tok, seed=0)
-    torch.manual_seed(1)
-    RewardModel(tiny_model_config(tok)).save_pretrained(root / "rm")
-    return {"root": root, "policy": policy, "rm": root / "rm",
-            "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": prompt(i)} for i in range(8)]),
+    rm = tiny_reward_model_dir(root / "rm", tok)
+    return {"root": root, "policy": policy, "rm": rm,
+            "prompts": write_jsonl(root / "prompts.jsonl", prompt_rows(8)),
             "pairs": write_jsonl(root / "pairs.jsonl", preference_rows(8)),
             "kto": write_jsonl(root / "kto.jsonl", kto_rows(8))}
 

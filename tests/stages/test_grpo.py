@@ -28,7 +28,15 @@ from minirlhf.stages.rollout import RewardModelScorer, concat_rollouts, response
 from minirlhf.tasks.arithmetic import make_arithmetic_data
 from minirlhf.toml_fields import ConfigError
 from minirlhf.trainer import Trainer
-from tests.tiny import prompt, tiny_config, tiny_model_config, tiny_model_dir, write_jsonl
+from tests.tiny import (
+    prompt,
+    prompt_rows,
+    tiny_config,
+    tiny_model_config,
+    tiny_model_dir,
+    tiny_reward_model_dir,
+    write_jsonl,
+)
 
 TIME_KEYS = ("time/generate", "time/logprobs", "time/score", "time/train", "time/step", "tokens_per_s")
 
@@ -247,8 +255,7 @@ def test_dynamic_sampling_stops_at_its_bound(tiny, tmp_path):
 
 
 def test_a_reward_model_is_one_more_reward_source(tiny, tmp_path):
-    torch.manual_seed(1)
-    RewardModel(tiny_model_config(tiny["tok"])).save_pretrained(tmp_path / "rm")
+    tiny_reward_model_dir(tmp_path / "rm", tiny["tok"])
     cfg = grpo_config(tiny, tmp_path / "out", f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_weights=[1.0, 2.0]")
     stage = build_stage(cfg)
     assert stage.names == ["length", "reward_model"] and stage.frozen_modules() == [stage.scorer.reward_model]
@@ -332,7 +339,7 @@ def test_a_data_row_without_a_needed_field_is_refused_before_any_model_loads(tin
 
     monkeypatch.setattr(grpo_module, "build_model", no_model)
     cases = [  # no row has the field; one row lacks it
-        ([{"prompt": prompt(i)} for i in range(4)],
+        (prompt_rows(4),
          r"needs the field 'answer', which the data rows lack \(their columns: none besides the prompt\)"),
         ([{"prompt": prompt(0), "answer": "0"}, {"prompt": prompt(1)}],
          r"needs the field 'answer', which training row 2 \(prompt 'Review the movie.'\) lacks"),

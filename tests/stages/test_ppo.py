@@ -40,9 +40,11 @@ from minirlhf.toml_fields import ConfigError
 from minirlhf.trainer import Trainer
 from tests.tiny import (
     prompt,
+    prompt_rows,
     tiny_config,
     tiny_model_config,
     tiny_model_dir,
+    tiny_reward_model_dir,
     write_jsonl,
 )
 
@@ -65,10 +67,9 @@ def tiny(tmp_path_factory, tiny_tok):
     root = tmp_path_factory.mktemp("ppo")
     tok = tiny_tok
     policy_dir = tiny_model_dir(root / "policy", tok, seed=0)
-    torch.manual_seed(1)
-    RewardModel(tiny_model_config(tok)).save_pretrained(root / "rm")
-    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": prompt(i)} for i in range(16)])
-    return {"root": root, "tok": tok, "policy": policy_dir, "rm": root / "rm", "prompts": prompts}
+    rm = tiny_reward_model_dir(root / "rm", tok)
+    prompts = write_jsonl(root / "prompts.jsonl", prompt_rows(16))
+    return {"root": root, "tok": tok, "policy": policy_dir, "rm": rm, "prompts": prompts}
 
 
 def ppo_config(tiny, out: Path, *overrides: str):
@@ -417,8 +418,7 @@ def test_reward_norm_rm_uses_the_reward_models_saved_statistics(tiny, tmp_path):
 def test_a_reward_model_of_another_vocabulary_is_refused(tiny, tmp_path):
     """A smaller embedding table would crash with IndexError while scoring; one of the same size with another
     tokenizer would score the policy's ids as other tokens. Both stop at build time, naming both sides."""
-    torch.manual_seed(1)
-    RewardModel(tiny_model_config(tiny["tok"], vocab_size=200)).save_pretrained(tmp_path / "small_rm")
+    tiny_reward_model_dir(tmp_path / "small_rm", tiny["tok"], vocab_size=200)
     cfg = ppo_config(tiny, tmp_path / "out", f"ppo.reward_model={tmp_path / 'small_rm'}")
     with pytest.raises(ConfigError, match=r"^\[ppo\] reward_model: the tokenizer at .* has 300 tokens but the model "
                                           r".*small_rm only 200 embeddings"):
