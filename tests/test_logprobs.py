@@ -209,3 +209,46 @@ def test_head_entropy_matches_the_full_logits(chunk):
     assert actual.dtype == torch.float32 and actual.shape == mask.shape
     assert (actual[~mask] == 0).all()
     assert rel_err(actual, expected) < REL
+
+
+class HeadRows(TorchDispatchMode):
+    """Records the rows of every matmul against the [V, H] head weight (first dimension of its output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) and out.shape[-1] == V:
+            self.rows.append(out.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "logprobs"])
+def test_head_skips_unlabelled_rows(op):
+    """Rows whose label is IGNORE_INDEX (prompt, padding) never reach the LM-head matmul, and the result
+    and gradients are float64 log-softmax of the full logits: 0 and no gradient at the skipped rows."""
+    from minirlhf import kernels
+
+    g = torch.Generator().manual_seed(14)
+    hidden = torch.randn(23, 19, generator=g, requires_grad=True)
+    weight = (0.5 * torch.randn(V, 19, generator=g)).requires_grad_()
+    labels = torch.randint(0, V, (23,), generator=g)
+    labels[:6] = IGNORE_INDEX
+    labels[15::3] = IGNORE_INDEX
+    with HeadRows() as watch:
+        if op == "cross_entropy":
+            got = kernels.linear_cross_entropy(hidden, weight, labels, IGNORE_INDEX, "none", backend="torch")
+        else:
+            got = -kernels.linear_logprobs(hidden, weight, labels, backend="torch")
+        upstream = torch.randn(23, generator=g)
+        (got * upstream).sum().backward()
+    assert watch.rows and sum(watch.rows) <= 2 * int((labels != IGNORE_INDEX).sum())  # forward + recompute
+    assert max(watch.rows) <= 7
+    h64, w64 = (x.detach().double().requires_grad_() for x in (hidden, weight))
+    ref = F.cross_entropy(h64 @ w64.T, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    (ref * upstream.double()).sum().backward()
+    assert rel_err(got, ref.detach()) <= REL
+    assert rel_err(hidden.grad, h64.grad) <= REL and rel_err(weight.grad, w64.grad) <= REL
+    assert (got[labels == IGNORE_INDEX] == 0).all() and (hidden.grad[labels == IGNORE_INDEX] == 0).all()
