@@ -7,9 +7,11 @@ benchmarks/train_step.py starts this once per side and repetition, so each proce
 
 TASK: sft (full), lora (sft with LoRA r=16 on every linear), dpo (full policy + frozen reference),
 ppo (the clipped policy loss on a rollout's answers, full policy). SIDE: ours or hf, then ":fp32" or
-":bf16" (CPU autocast), and "+ckpt" for activation checkpointing, e.g. "ours:bf16+ckpt", "hf:fp32".
+":bf16" (CPU autocast), then "+ckpt" for activation checkpointing and, ours only, "+compile" for
+[train] compile (Transformer.compile_blocks), e.g. "ours:bf16+ckpt+compile", "hf:fp32".
 hf means transformers, plus peft for lora, TRL's DPOTrainer for dpo, and TRL's selective_log_softmax
-on the full logits for ppo (what TRL's GRPO/PPO trainers compute). Both sides use torch.optim.AdamW.
+on the full logits for ppo (what TRL's GRPO/PPO trainers compute). Both sides use torch's fused AdamW:
+what our trainer builds, and transformers' Trainer default (optim="adamw_torch_fused"; DPOTrainer's own).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def ppo_inputs(batch: int, seq: int, vocab: int) -> dict[str, torch.Tensor]:
 # ours
 
 
-def ours_step(task: str, model_dir: str, data: dict, ckpt: bool) -> tuple[Callable[[], torch.Tensor], list]:
+def ours_step(task: str, model_dir: str, data: dict, ckpt: bool,
+              compile_blocks: bool = False) -> tuple[Callable[[], torch.Tensor], list]:
     from minirlhf.logprobs import causal_lm_loss
     from minirlhf.lora import LoRAConfig, inject_lora
     from minirlhf.model import Transformer
@@ -74,6 +77,8 @@ def ours_step(task: str, model_dir: str, data: dict, ckpt: bool) -> tuple[Callab
     model.activation_checkpointing = ckpt
     if task == "lora":
         inject_lora(model, LoRAConfig(r=16, alpha=32, target_modules=LORA_TARGETS))
+    if compile_blocks:
+        model.compile_blocks()
     if task in ("sft", "lora"):
         return (lambda: causal_lm_loss(model, data)), model.parameters()
     if task == "dpo":
@@ -192,8 +197,10 @@ def main() -> None:
     torch.manual_seed(0)
 
     who, _, rest = args.side.partition(":")
-    precision, _, extra = rest.partition("+")
-    bf16, ckpt = precision == "bf16", extra == "ckpt"
+    precision, *extras = rest.split("+")
+    bf16, ckpt, compiled = precision == "bf16", "ckpt" in extras, "compile" in extras
+    if compiled and who != "ours":
+        raise SystemExit("+compile is ours only ([train] compile)")
     rss_imports = rss_gib()
     import transformers  # noqa: F401  (both sides pay for it, so the baselines are alike)
 
@@ -207,12 +214,12 @@ def main() -> None:
         data = token_batch(args.batch, args.seq, vocab, args.seq // 4, seed=1)
     rss_start = rss_gib()
     if who == "ours":
-        step_loss, params = ours_step(args.task, args.model, data, ckpt)
+        step_loss, params = ours_step(args.task, args.model, data, ckpt, compiled)
     else:
         step_loss, params = hf_step(args.task, args.model, data, ckpt, bf16)
     optimizer = None
     if params is not None:
-        optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-6)
+        optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-6, fused=True)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
     rss_loaded = rss_gib()
 
@@ -227,13 +234,14 @@ def main() -> None:
         return float(loss.detach())
 
     losses, cpu, wall = [], [], []
-    for i in range(args.steps + 1):  # the first step is the warm-up (optimizer states, oneDNN primitives)
+    for _ in range(args.steps + 1):  # the first step is the warm-up (optimizer states, oneDNN, compiling)
         c0, w0 = time.process_time(), time.perf_counter()
         losses.append(step())
-        if i:
-            cpu.append(time.process_time() - c0)
-            wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    warmup_wall, cpu, wall = wall[0], cpu[1:], wall[1:]
     print(json.dumps({"task": args.task, "side": args.side, "first_loss": losses[0], "cpu": cpu, "wall": wall,
+                      "warmup_wall": warmup_wall,
                       "rss_imports": rss_imports, "rss_start": rss_start, "rss_loaded": rss_loaded,
                       "peak_rss": rss_gib(), "shape": getattr(step_loss, "shape", None)}))
 

@@ -172,7 +172,9 @@ class TrainSection:
     fsdp_reshard_after_forward: bool = setting(True, "under torchrun: free each block's gathered weights after its "
                                                      "forward and gather again in backward (ZeRO-3); false keeps "
                                                      "them (ZeRO-2: faster, more memory)")
-    compile: bool = setting(False, "torch.compile the model")
+    compile: bool = setting(False, "run each transformer block's training forward and backward through torch.compile "
+                                   "(inductor fuses the elementwise work; the first steps compile, tens of seconds "
+                                   "on a CPU); generation and no-grad forwards stay eager")
     eval_every: int = setting(0, "optimizer steps between evaluations; 0 = only at the end")
     save_every: int = setting(0, "optimizer steps between checkpoints; 0 = only at the end")
     keep_last: int = setting(2, "intermediate checkpoints kept on disk")

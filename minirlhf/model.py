@@ -309,6 +309,12 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _block_training_forward(layer: Block, x: torch.Tensor, rope: Rope | None, document_ids: torch.Tensor | None,
+                            backend: str) -> torch.Tensor:
+    """One block without a KV cache: what `Transformer.compile_blocks` compiles."""
+    return layer(x, rope, document_ids, None, None, backend)
+
+
 # --------------------------------------------------------------------------------------------------
 # The model
 
@@ -330,6 +336,7 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
         self.kv_cache_inv_freq: torch.Tensor | None = None
         self.kernel_backend = "auto"  # "auto" | "triton" | "torch", see minirlhf/kernels
+        self.compiled_block = None  # set by compile_blocks
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
 
@@ -389,13 +396,37 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(positions)
         else:
             rope = rope_cos_sin(self.config, positions, torch.float32, inv_freq)
+        training = self.training and torch.is_grad_enabled()
+        if training and cache_slots is None and self.compiled_block is not None:
+            for layer in self.layers:
+                if self.activation_checkpointing:
+                    x = checkpoint(self.compiled_block, layer, x, rope, document_ids, self.kernel_backend,
+                                   use_reentrant=False)
+                else:
+                    x = self.compiled_block(layer, x, rope, document_ids, self.kernel_backend)
+            return self.norm(x)
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if self.activation_checkpointing and training:
                 x = checkpoint(layer, x, rope, document_ids, cache_slots, cache_mask, self.kernel_backend,
                                use_reentrant=False)
             else:
                 x = layer(x, rope, document_ids, cache_slots, cache_mask, self.kernel_backend)
         return self.norm(x)
+
+    # -- torch.compile ---------------------------------------------------------------------------
+
+    def compile_blocks(self) -> None:
+        """Run every block's training forward, and so its backward, through torch.compile ([train] compile).
+
+        Inductor fuses the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, the residual adds,
+        the autocast casts) into a few generated kernels, C++ on a CPU and Triton on a GPU, and its
+        partitioner keeps fewer activations for the backward. One compiled function serves all blocks (they
+        differ only by their weights, which it takes as inputs), so it compiles once per kind of batch
+        (with or without document ids; the first new length makes the length dynamic), not once per layer:
+        tens of seconds on a CPU, reported by the trainer. Evaluation, reference and rollout forwards
+        (no gradient) and generation stay eager: their shapes change every call.
+        """
+        self.compiled_block = torch.compile(_block_training_forward)
 
     # -- KV cache ------------------------------------------------------------------------------
 

@@ -217,6 +217,20 @@ def has_diverged(losses: list[float], chance: float, patience: int = DIVERGENCE_
     return any(x < 0.9 * chance for x in before) and all(x >= 0.99 * chance for x in tail)
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """[train] compile: Transformer.compile_blocks on every decoder inside the trained model (the policy,
+    ppo's critic, the rm backbone); returns how many. The first step of each new batch shape then includes
+    compiling (tens of seconds on a CPU, once: all blocks share one compiled function)."""
+    from minirlhf.model import Transformer
+
+    decoders = [m for m in model.modules() if isinstance(m, Transformer)]
+    for decoder in decoders:
+        decoder.compile_blocks()
+    logger.info("[train] compile: %d decoder(s) run their blocks through torch.compile; the first steps include "
+             "compiling", len(decoders))
+    return len(decoders)
+
+
 # --------------------------------------------------------------------------------------------------
 # the loop
 
@@ -246,7 +260,11 @@ class Trainer:
         # a meta-device copy of the unsharded model, for the final export (under torchrun)
         self.skeleton = (distributed.prepare(stage.model, stage.frozen_modules(), stage.iterators(), dist)
                          if dist is not None else None)
-        fused = self.device.type == "cuda" and not (dist is not None and dist.cpu_offload)
+        if cfg.train.compile:
+            compile_blocks(stage.model)
+        # torch's fused AdamW (one kernel over all parameters; on CPU too since torch 2.4, and transformers'
+        # default optimizer): faster than the foreach one and no temporaries the size of the weights
+        fused = not (dist is not None and dist.cpu_offload)
         self.optimizer = adamw(stage.param_groups(), cfg.train, fused)
         # what this run's config says of each group; a resumed optimizer state keeps its moments, not these
         self._group_settings = [{k: g[k] for k in ("lr", "initial_lr", "betas", "eps", "weight_decay")}

@@ -352,3 +352,15 @@ def test_a_sharded_save_syncs_only_its_own_files_while_other_ranks_still_write(t
                                  torch.optim.AdamW(model.parameters()), keep_last=2, dist=RankZero())
     assert final == tmp_path / "checkpoints" / "step-0000003" and final.is_dir()
     assert sorted(p.name for p in synced) == ["rng-0.json", "state.json"]
+
+
+@needs_torchrun
+def test_compile_on_two_ranks(tiny):
+    """[train] compile under FSDP2: the compiled blocks train the 2-rank run to the eager run's losses."""
+    root = tiny["root"]
+    steps = ["train.max_steps=2"]
+    torchrun(2, "sft", base_sets(tiny, tiny["sft"], root / "eager2") + steps)
+    torchrun(2, "sft", base_sets(tiny, tiny["sft"], root / "compiled2") + steps + ["train.compile=true"])
+    eager, compiled = metric(root / "eager2"), metric(root / "compiled2")
+    assert len(eager) == 2 and compiled.keys() == eager.keys()
+    assert list(compiled.values()) == pytest.approx(list(eager.values()), rel=1e-4)

@@ -431,3 +431,21 @@ def test_deferred_interrupt_holds_ctrl_c_until_release_and_leaves_an_ignored_sig
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# ------------------------------------------------------------------------------ [train] compile
+
+
+def test_compile_trains_the_same_run_through_compiled_blocks(workspace, tmp_path):
+    """[train] compile = true: the blocks run through torch.compile (dynamo counts frames it compiled) and
+    the run's losses are the eager run's to float32 rounding (inductor reorders the sums)."""
+    from torch._dynamo.utils import counters
+
+    eager = make_config(workspace, tmp_path / "eager", "train.max_steps=3")
+    Trainer(eager, sft.build_stage(eager)).fit()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = make_config(workspace, tmp_path / "compiled", "train.max_steps=3", "train.compile=true")
+    Trainer(compiled, sft.build_stage(compiled)).fit()
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
