@@ -16,6 +16,12 @@ no storage; a frozen copy adds one base.
                 adapter and a value head) + the frozen reward model: three bases
     ...:nofuse  the same with generation on the modules' own weights (generation.worth_fusing off): the
                 fused, LoRA-folded copy that generation builds for speed is one more base while it runs
+    ...:ckpt    the same with [train] activation_checkpointing = true
+    ...:compile the same with [train] compile = true (its first step compiles; the peak is over all of it)
+
+Most of a LoRA case's peak above its weights is the update's activations: an eager fp32 forward of the
+30-layer model keeps ~2 GiB for one micro-batch of 16 answers x 62 tokens, and every adapted linear adds its
+branch's outputs (B A x, its scaled copy, the sum) on top; :ckpt and :compile are the two remedies measured.
 
 Rollouts: 4 prompts x 8 answers (grpo) or 32 prompts x 1 (ppo), <= 16 new tokens, the arithmetic task of
 minirlhf/tasks/arithmetic.py, fp32. ppo's reward model is the real checkpoint with a fresh value head,
@@ -38,7 +44,8 @@ from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_mo
 sys.path.insert(0, str(ROOT))
 
 RECIPE = ROOT / "configs" / "examples" / "smollm2_grpo_arith.toml"
-CASES = ("grpo", "grpo-kl", "grpo-full-kl", "ppo", "grpo-kl:nofuse", "ppo:nofuse")
+CASES = ("grpo", "grpo-kl", "grpo-full-kl", "ppo", "grpo-kl:nofuse", "ppo:nofuse", "grpo:ckpt", "grpo:compile",
+         "ppo:ckpt", "ppo:compile")
 DEFAULT_CASES = ("grpo", "grpo-kl", "grpo-kl:nofuse", "grpo-full-kl", "ppo", "ppo:nofuse")
 GiB = 2**30
 
@@ -49,7 +56,9 @@ def overrides(case: str, data: str, rm: str, out: str, threads: int) -> tuple[st
     common = [f"model.path={REAL_MODEL}", f"data.train_files=[\"{Path(data) / 'train.jsonl'}\"]",
               "data.eval_files=[]", "data.eval_split=0.0", f"train.output_dir={out}", "train.overwrite=true",
               "train.max_steps=10", f"train.threads={threads}", "train.precision=\"fp32\"",
-              f"lora.enabled={'false' if 'full' in case else 'true'}", "lora.target_modules=\"all-linear\""]
+              f"lora.enabled={'false' if 'full' in case else 'true'}", "lora.target_modules=\"all-linear\"",
+              f"train.activation_checkpointing={'true' if case.endswith(':ckpt') else 'false'}",
+              f"train.compile={'true' if case.endswith(':compile') else 'false'}"]
     if stage == "grpo":
         beta = "0.04" if "kl" in case else "0.0"
         return stage, common + [f"grpo.beta={beta}", "grpo.reward_functions=[\"minirlhf.rewards:number_match\"]",

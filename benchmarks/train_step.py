@@ -7,8 +7,10 @@ Tasks (each one optimizer step: forward, backward, AdamW), sequence length 512 b
     dpo    full policy + frozen reference        vs TRL's DPOTrainer (its training_step + optimizer)
     ppo    the clipped policy loss on answers    vs transformers logits + TRL's selective_log_softmax
 
-Sides are `who:precision[+ckpt]`: ours or hf, fp32 or bf16 (CPU autocast), +ckpt for activation
-checkpointing (ours: Transformer.activation_checkpointing; hf: gradient_checkpointing_enable).
+Sides are `who:precision[+ckpt][+compile]`: ours or hf, fp32 or bf16 (CPU autocast), +ckpt for activation
+checkpointing (ours: Transformer.activation_checkpointing; hf: gradient_checkpointing_enable), +compile
+for ours with [train] compile (Transformer.compile_blocks; the warm-up step's extra time is reported).
+Both sides step torch's fused AdamW (our trainer's, and transformers' Trainer default).
 Ours computes its losses through the chunked LM head (minirlhf/kernels: never the [B, T, V] logits).
 
 Every side runs in a fresh process (benchmarks/step_worker.py: one warm-up step, then `--steps` timed
@@ -46,7 +48,7 @@ WORKER = Path(__file__).resolve().parent / "step_worker.py"
 VERSIONS = ("torch", "transformers", "peft", "trl", "python")  # the RESULTS.md versions column
 BASELINE = {"sft": "transformers", "lora": "transformers + peft", "dpo": "TRL DPOTrainer",
             "ppo": "transformers + TRL selective_log_softmax"}
-DEFAULT_SIDES = ["ours:bf16+ckpt", "ours:bf16", "hf:fp32", "hf:bf16"]
+DEFAULT_SIDES = ["ours:bf16+ckpt+compile", "ours:bf16+ckpt", "hf:fp32", "hf:bf16"]
 # batch per task at the default seq 512: dpo's batch is pairs (2B sequences through policy and reference)
 BATCH = {"sft": 4, "lora": 4, "dpo": 2, "ppo": 4}
 # dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendor data sheets (SXM parts);
@@ -84,19 +86,24 @@ def steps_section(args) -> list[list[str]]:
                  f"T={args.seq}")
         print(f"\n{task}: {shape}; median over {args.repeats} processes x {args.steps} steps; {clock} time; "
               f"peak RSS of the process")
-        summary = {}
+        summary, compiling = {}, {}
         for side, rs in runs.items():
             t = statistics.median(x for r in rs for x in r[clock])
             mem = statistics.median(r["peak_rss"] for r in rs)
             summary[side] = (t, mem, rs[0]["first_loss"])
-            print(f"  {side:16s} {t:7.2f} s/step   peak RSS {mem:5.2f} GiB   first loss {rs[0]['first_loss']:.5f}")
+            compiling[side] = statistics.median(r["warmup_wall"] for r in rs) - statistics.median(
+                x for r in rs for x in r["wall"])
+            print(f"  {side:22s} {t:7.2f} s/step   peak RSS {mem:5.2f} GiB   first loss {rs[0]['first_loss']:.5f}"
+                  f"   warm-up step +{compiling[side]:.1f} s")
         for ours in (s for s in args.sides if s.startswith("ours")):
             for theirs in (s for s in args.sides if s.startswith("hf")):
                 (t_o, m_o, l_o), (t_h, m_h, l_h) = summary[ours], summary[theirs]
                 speed, memory = t_h / t_o, m_o / m_h
                 print(f"  {ours} vs {theirs}: {speed:.2f}x faster, {memory:.2f}x the peak memory")
+                compiled = (f"; compile: first step +{compiling[ours]:.0f} s wall, once" if "compile" in ours
+                            else "")
                 rows.append([today(), f"{task} step, ours ({ours[5:]}) vs {BASELINE[task]} ({theirs[3:]}); "
-                             f"first losses {l_o:.4f} vs {l_h:.4f}", shape,
+                             f"first losses {l_o:.4f} vs {l_h:.4f}{compiled}", shape,
                              f"{clock} {t_o:.2f} vs {t_h:.2f} s/step", "-", f"{speed:.2f}x",
                              f"peak RSS {m_o:.2f} vs {m_h:.2f} GiB = {memory:.2f}x", device_name(args.threads),
                              versions(*VERSIONS)])
