@@ -10,7 +10,7 @@ Tasks (each one optimizer step: forward, backward, AdamW), sequence length 512 b
 Sides are `who:precision[+ckpt][+compile]`: ours or hf, fp32 or bf16 (CPU autocast), +ckpt for activation
 checkpointing (ours: Transformer.activation_checkpointing; hf: gradient_checkpointing_enable), +compile
 for ours with [train] compile (Transformer.compile_blocks; the warm-up step's extra time is reported).
-Both sides step torch's fused AdamW (our trainer's, and transformers' Trainer default).
+Both sides step torch's fused AdamW (transformers' Trainer default; our trainer's on CUDA).
 Ours computes its losses through the chunked LM head (minirlhf/kernels: never the [B, T, V] logits).
 
 Every side runs in a fresh process (benchmarks/step_worker.py: one warm-up step, then `--steps` timed
