@@ -1,9 +1,9 @@
 """minirlhf train --stage STAGE --config cfg.toml [--set section.key=value ...] [--resume | --overwrite]
 torchrun --nproc_per_node=N train.py ...   (FSDP2 over N processes, see docs/distributed.md)
 
-Runs one stage of the pipeline (pt, sft, rm, dpo, kto, ppo) on an HF-format model directory and
-writes the trained model (or LoRA adapter), metrics.jsonl, curves.png and checkpoints into
-[train] output_dir. `python train.py ...` is the same command.
+Runs one stage of the pipeline (pt, sft, rm, dpo, kto, ppo, grpo: the registry in minirlhf/stages) on
+an HF-format model directory and writes the trained model (or LoRA adapter), metrics.jsonl, curves.png
+and checkpoints into [train] output_dir. `python train.py ...` is the same command.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from minirlhf.commands import run_command
 from minirlhf.errors import UserError
 from minirlhf.stages import REGISTRY
 
-HELP = "train one stage (pt, sft, rm, dpo, kto, ppo) from a TOML config"
+HELP = f"train one stage ({', '.join(REGISTRY)}) from a TOML config"
+
 
 class DeviceError(UserError, ValueError):
     """--device names no device this machine has."""
