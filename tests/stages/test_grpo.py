@@ -32,7 +32,6 @@ from tests.tiny import (
     prompt,
     prompt_rows,
     tiny_config,
-    tiny_model_config,
     tiny_model_dir,
     tiny_reward_model_dir,
     write_jsonl,
@@ -270,7 +269,7 @@ def test_a_reward_model_is_one_more_reward_source(tiny, tmp_path):
     assert metrics["rewards/reward_model/mean"] == pytest.approx(float(alone.mean()), rel=1e-5)
     # the reward model alone is enough; one of another vocabulary is refused at build time
     build_stage(grpo_config(tiny, tmp_path / "o2", f"grpo.reward_model={tmp_path / 'rm'}", functions=()))
-    RewardModel(tiny_model_config(tiny["tok"], vocab_size=200)).save_pretrained(tmp_path / "small_rm")
+    tiny_reward_model_dir(tmp_path / "small_rm", tiny["tok"], vocab_size=200)
     with pytest.raises(ConfigError, match=r"^\[grpo\] reward_model: the tokenizer at .* has 300 tokens"):
         build_stage(grpo_config(tiny, tmp_path / "o3", f"grpo.reward_model={tmp_path / 'small_rm'}"))
 
