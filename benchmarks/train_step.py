@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_model, run_json, today, versions
+from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_device, require_model, run_json, today, versions
 
 sys.path.insert(0, str(ROOT))
 from minirlhf.kernels.fused_cross_entropy import linear_cross_entropy_chunked  # noqa: E402
@@ -58,7 +58,7 @@ PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100",
 def device_name(threads: int) -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU {cpu_name()}, {threads} thread(s)"
+    return cpu_device(threads)
 
 
 def run_worker(task: str, side: str, args) -> dict:
