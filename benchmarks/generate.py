@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_model, today, versions
+from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_device, require_model, today, versions
 
 sys.path.insert(0, str(ROOT))
 from minirlhf.generation import step_mask  # noqa: E402
@@ -123,7 +123,7 @@ def compare(sides: dict[str, Callable], repeats: int) -> tuple[dict[str, dict[st
 
 
 def device_name(threads: int) -> str:
-    return f"CPU {cpu_name()}, {threads} thread(s)"
+    return cpu_device(threads)
 
 
 def generate_section(args, tokenizer, pad_id: int) -> list[list[str]]:

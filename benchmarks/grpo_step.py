@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_model, run_json, today, versions
+from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_device, require_model, run_json, today, versions
 from step_worker import rss_gib
 
 sys.path.insert(0, str(ROOT))
@@ -207,7 +207,7 @@ def device_label(args) -> str:
         import torch
 
         return torch.cuda.get_device_name()
-    return f"CPU {cpu_name()}, {args.threads} thread(s); load average {load_average()}"
+    return f"{cpu_device(args.threads)}; load average {load_average()}"
 
 
 def load_average() -> str:

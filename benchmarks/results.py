@@ -59,6 +59,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_device(threads: int) -> str:
+    """The `device` column of a CPU run: the processor and the torch threads it computed on."""
+    return f"CPU {cpu_name()}, {threads} thread(s)"
+
+
 def versions(*names: str) -> str:
     """The `versions` column, in the order given: versions("python", "torch") -> "python 3.11.7,
     torch 2.13.0". "python" is the interpreter; any other name is imported and its __version__ read."""

@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 from load_memory import proc_status
-from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_model, run_json, today, versions
+from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_device, require_model, run_json, today, versions
 
 sys.path.insert(0, str(ROOT))
 
@@ -166,7 +166,7 @@ def main() -> None:
     from minirlhf.tasks.arithmetic import make_arithmetic_data
 
     rows = []
-    device = f"CPU {cpu_name()}, {args.threads} thread(s)"
+    device = cpu_device(args.threads)
     print(f"{versions('torch', 'python')}; {device}")
     with tempfile.TemporaryDirectory(prefix="minirlhf_rl_memory_data_") as tmp:
         make_arithmetic_data(tmp, n_train=200, n_eval=0, seed=0)

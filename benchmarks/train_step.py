@@ -32,14 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_name, require_model, today, versions
+from results import REAL_MODEL, RESULTS, ROOT, append_rows, cpu_device, require_model, run_json, today, versions
 
 sys.path.insert(0, str(ROOT))
 from minirlhf.kernels.fused_cross_entropy import linear_cross_entropy_chunked  # noqa: E402
@@ -59,18 +58,14 @@ PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100",
 def device_name(threads: int) -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU {cpu_name()}, {threads} thread(s)"
+    return cpu_device(threads)
 
 
 def run_worker(task: str, side: str, args) -> dict:
     batch = args.batch or BATCH[task]
     cmd = [sys.executable, str(WORKER), task, side, "--model", str(args.model), "--batch", str(batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return run_json(cmd)
 
 
 def steps_section(args) -> list[list[str]]:

@@ -14,15 +14,10 @@ from minirlhf.logprobs import causal_lm_loss, head_entropy, head_logprobs, label
 from minirlhf.lora import LoRAConfig, inject_lora
 from minirlhf.losses import IGNORE_INDEX, lm_loss, token_logps
 from minirlhf.model import ModelConfig, Transformer
+from tests.kernels.kernel_utils import rel_err
 
 REL = 1e-5  # the issue's bound; float32 chunked vs unchunked measure ~1e-7 on these shapes
 V = 97  # odd sizes everywhere: B, T, V, H and the chunk size do not divide one another
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, in float64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+from minirlhf import stages
 from minirlhf.config import Config, load_config
 from minirlhf.heads import RewardModel
 from minirlhf.model import ModelConfig, Transformer
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.tokenizer_training import train_sentencepiece
+from minirlhf.trainer import Stage, Trainer
 
 TOPICS = ("kettle", "movie", "hotel", "pizza", "camera", "garden", "novel", "phone", "album", "bicycle",
           "coffee", "museum", "jacket", "lamp", "sofa", "tent")
@@ -98,6 +100,20 @@ def tiny_config(stage: str, model_dir: Path, train_file: Path, output_dir: Path,
     if eval_file is not None:
         sets.append(f"data.eval_files=[{json.dumps(str(eval_file))}]")
     return load_config(None, sets + list(overrides), stage=stage)
+
+
+def tiny_stage(stage: str, files: dict, out: str, *overrides: str, steps: int = 0,
+               train_file: Path | None = None) -> tuple[Stage, Trainer]:
+    """`stage` built on a test module's tiny fixture (keys "model", "train", "eval" and "dir", the folder that
+    receives output_dir `out`) by tiny_config, with its Trainer, after `steps` optimizer steps; train_file
+    replaces files["train"]."""
+    cfg = tiny_config(stage, files["model"], train_file or files["train"], files["dir"] / out, *overrides,
+                      eval_file=files["eval"])
+    built = stages.spec(stage).build(cfg)
+    trainer = Trainer(cfg, built)
+    for _ in range(steps):
+        built.train_step(trainer)
+    return built, trainer
 
 
 def logps64(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

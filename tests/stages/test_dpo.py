@@ -15,12 +15,12 @@ import torch
 from minirlhf import losses
 from minirlhf.model import Transformer
 from minirlhf.stages import dpo
-from minirlhf.trainer import Trainer
 from tests.tiny import (
     logps64,
     preference_rows,
     tiny_config,
     tiny_model_dir,
+    tiny_stage,
     write_jsonl,
 )
 
@@ -38,12 +38,7 @@ def tiny(tmp_path_factory, tiny_tok):
 
 
 def make_stage(tiny, out: str, *sets: str, steps: int = 0):
-    cfg = tiny_config("dpo", tiny["model"], tiny["train"], tiny["dir"] / out, *sets, eval_file=tiny["eval"])
-    stage = dpo.build_stage(cfg)
-    trainer = Trainer(cfg, stage)
-    for _ in range(steps):
-        stage.train_step(trainer)
-    return stage, trainer
+    return tiny_stage("dpo", tiny, out, *sets, steps=steps)
 
 
 def side_logps64(model, batch, side):

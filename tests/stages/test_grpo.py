@@ -13,11 +13,14 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from minirlhf.commands.generate import generate_answers, read_prompts
+from minirlhf.commands.sampling import Sampling
 from minirlhf.errors import TrainingError
 from minirlhf.heads import RewardModel
 from minirlhf.model import Transformer
@@ -26,13 +29,13 @@ from minirlhf.stages import grpo as grpo_module
 from minirlhf.stages.grpo import GRPOStage, build_stage
 from minirlhf.stages.rollout import RewardModelScorer, concat_rollouts, response_logprobs
 from minirlhf.tasks.arithmetic import make_arithmetic_data
+from minirlhf.tokenizer import load_tokenizer
 from minirlhf.toml_fields import ConfigError
 from minirlhf.trainer import Trainer
 from tests.tiny import (
     prompt,
     prompt_rows,
     tiny_config,
-    tiny_model_config,
     tiny_model_dir,
     tiny_reward_model_dir,
     write_jsonl,
@@ -270,7 +273,7 @@ def test_a_reward_model_is_one_more_reward_source(tiny, tmp_path):
     assert metrics["rewards/reward_model/mean"] == pytest.approx(float(alone.mean()), rel=1e-5)
     # the reward model alone is enough; one of another vocabulary is refused at build time
     build_stage(grpo_config(tiny, tmp_path / "o2", f"grpo.reward_model={tmp_path / 'rm'}", functions=()))
-    RewardModel(tiny_model_config(tiny["tok"], vocab_size=200)).save_pretrained(tmp_path / "small_rm")
+    tiny_reward_model_dir(tmp_path / "small_rm", tiny["tok"], vocab_size=200)
     with pytest.raises(ConfigError, match=r"^\[grpo\] reward_model: the tokenizer at .* has 300 tokens"):
         build_stage(grpo_config(tiny, tmp_path / "o3", f"grpo.reward_model={tmp_path / 'small_rm'}"))
 
@@ -441,5 +444,15 @@ soft_overlong_penalty = {{max_length = 8, cache_length = 4}}
     final = rows[-1]
     assert final["step"] == 3 and {"eval/reward", "eval/rewards/number_match/mean"} <= set(final)
     assert 0.0 <= final["eval/rewards/number_match/mean"] <= 1.0
+    # and it is the accuracy of greedy answers made again here from the saved policy by another path (the
+    # generate command's: chat template, model.generate, 8 prompts in one batch), judged by their last integer.
+    # After 3 steps the tiny policy writes no digit (seed 0: "ffffffff" to every prompt), so both are 0 here.
+    tok = load_tokenizer(run)
+    prompts = read_prompts(tmp_path / "eval.jsonl", tok)
+    answers = [a for batch in generate_answers(Transformer.from_pretrained(run), tok, prompts,
+                                               Sampling(max_new_tokens=8), progress=False) for a in batch]
+    gold = {p.index: int(p.row["answer"]) for p in prompts}
+    right = [bool(re.findall(r"-?\d+", a.text)) and int(re.findall(r"-?\d+", a.text)[-1]) == gold[a.index]
+             for a in answers]
+    assert len(right) == 8 and final["eval/rewards/number_match/mean"] == pytest.approx(sum(right) / 8)
     assert len((run / "samples.jsonl").read_text().splitlines()) == 3 * 4
-    Transformer.from_pretrained(run)

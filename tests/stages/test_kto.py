@@ -19,12 +19,11 @@ from minirlhf import losses
 from minirlhf.losses import IGNORE_INDEX
 from minirlhf.model import Transformer
 from minirlhf.stages import kto
-from minirlhf.trainer import Trainer
 from tests.tiny import (
     kto_rows,
     logps64,
-    tiny_config,
     tiny_model_dir,
+    tiny_stage,
     write_jsonl,
 )
 
@@ -41,12 +40,7 @@ def tiny(tmp_path_factory, tiny_tok):
 
 
 def make_stage(tiny, out, *sets, steps=0, train=None):
-    cfg = tiny_config("kto", tiny["model"], train or tiny["train"], tiny["dir"] / out, *sets, eval_file=tiny["eval"])
-    stage = kto.build_stage(cfg)
-    trainer = Trainer(cfg, stage)
-    for _ in range(steps):
-        stage.train_step(trainer)
-    return stage, trainer
+    return tiny_stage("kto", tiny, out, *sets, steps=steps, train_file=train)
 
 
 def pad(rows, value):

@@ -18,8 +18,7 @@ from minirlhf.heads import NotARewardModel, RewardModel, export_pad_id
 from minirlhf.lora import lora_layers
 from minirlhf.stages import rm
 from minirlhf.tokenizer import load_tokenizer
-from minirlhf.trainer import Trainer
-from tests.tiny import preference_rows, tiny_config, write_jsonl
+from tests.tiny import preference_rows, tiny_stage, write_jsonl
 
 REAL = Path("/tmp/real/smollm2")
 
@@ -46,9 +45,7 @@ def tiny(tmp_path_factory, tiny_tok):
 
 
 def make_stage(tiny, out, *sets):
-    cfg = tiny_config("rm", tiny["model"], tiny["train"], tiny["dir"] / out, *sets, eval_file=tiny["eval"])
-    stage = rm.build_stage(cfg)
-    return stage, Trainer(cfg, stage)
+    return tiny_stage("rm", tiny, out, *sets)
 
 
 def hf_scores(model, batch, side):
