@@ -64,7 +64,7 @@ from minirlhf.rewards import (
     short_prompt,
 )
 from minirlhf.stages import StageSection, StageSpec
-from minirlhf.stages.common import PolicyStage, Reference, build_reference, non_finite_sampling
+from minirlhf.stages.common import PolicyStage, Reference, build_reference, non_finite_error, non_finite_sampling
 from minirlhf.stages.rollout import (
     RewardModelScorer,
     Rollout,
@@ -73,6 +73,7 @@ from minirlhf.stages.rollout import (
     decode_rollout,
     greedy_rollouts,
     make_rollout,
+    non_finite_parts,
     response_logprobs,
     sync_time,
 )
@@ -329,7 +330,9 @@ class GRPOStage(PolicyStage):
 
     def sample(self, trainer: Trainer, where: str) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
         """One generation round on the next prompt batch: the rollout (old log-probs measured only when an
-        update is not the whole pass; reference log-probs when beta > 0), its rewards [B, F], and timings."""
+        update is not the whole pass; reference log-probs when beta > 0), its rewards [B, F], and timings.
+        A NaN or inf among the measured log-probs or the reward model's scores stops the run, as in ppo
+        (common.non_finite_error); only a reward function's None reads as "no reward"."""
         p = self.cfg.grpo
         prompts = trainer.to_device(next(self.batches))
         start = time.perf_counter()
@@ -342,8 +345,14 @@ class GRPOStage(PolicyStage):
         measured = sync_time(rollout.input_ids)
         with trainer.autocast():
             rewards = self.score(rollout, prompts["prompts"], prompts["fields"], where)
-        return rollout, rewards, {"time/generate": generating, "time/logprobs": measured - start - generating,
-                                  "time/score": time.perf_counter() - measured}
+        timings = {"time/generate": generating, "time/logprobs": measured - start - generating,
+                   "time/score": time.perf_counter() - measured}
+        if self.scorer is not None:  # the scorer's output as it came: a NaN in it is a broken model, not a None
+            rollout.raw_scores = rewards[:, -1]
+        bad = non_finite_parts(rollout)
+        if all_mean(float(bool(bad))) > 0:  # every rank stops, not only the one that saw it
+            raise non_finite_error(trainer, " and ".join(bad) or "values on another rank")
+        return rollout, rewards, timings
 
     def experience(self, trainer: Trainer) -> tuple[Rollout, torch.Tensor, list[tuple[Rollout, torch.Tensor]],
                                                      dict[str, float]]:

@@ -335,6 +335,8 @@ def non_finite_parts(rollout: Rollout) -> list[str]:
     parts = {"policy log-probs": rollout.logprobs, "reference log-probs": rollout.ref_logprobs,
              "critic values": rollout.values, "scores": rollout.raw_scores}
     parts = {k: v for k, v in parts.items() if v is not None}
+    if not parts:
+        return []
     finite = torch.stack([torch.isfinite(v).all() for v in parts.values()]).tolist()
     return [name for name, ok in zip(parts, finite) if not ok]
 
