@@ -432,9 +432,10 @@ class GRPOStage(PolicyStage):
             return response_mask & has_stop[:, None]
         return response_mask
 
-    def loss_tokens(self, rollout: Rollout, rows: torch.Tensor, trainer: Trainer) -> float:
+    def minibatch_tokens(self, rollout: Rollout, rows: torch.Tensor, trainer: Trainer) -> float:
         """The loss tokens of a minibatch summed over ranks and divided by their number: dapo's and cispo's
-        normaliser (gradients are averaged over ranks)."""
+        normaliser (gradients are averaged over ranks). Not Stage.loss_tokens, which weights the default
+        train_step's micro-batches."""
         mask = self.loss_mask(rollout.response_mask[rows], rollout.has_stop[rows])
         tokens = float(mask.sum())
         if trainer.dist is None:
@@ -455,7 +456,7 @@ class GRPOStage(PolicyStage):
         zero = torch.zeros((), dtype=torch.float64, device=device)
         entropy_sum, entropy_tokens, updates = zero, zero, 0
         minibatches = [torch.arange(start, start + size, device=device) for start in range(0, n, size)]
-        num_items = [self.loss_tokens(rollout, rows, trainer) for rows in minibatches]  # the same every pass
+        num_items = [self.minibatch_tokens(rollout, rows, trainer) for rows in minibatches]  # the same every pass
         for iteration in range(p.num_iterations):
             for rows, tokens in zip(minibatches, num_items):
                 for micro in rows.split(p.micro_batch_size):
