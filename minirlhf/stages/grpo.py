@@ -541,11 +541,10 @@ class GRPOStage(PolicyStage):
         if not self.eval_prompts:
             return {}
         p = self.cfg.grpo
-        size = p.prompts_per_rollout
         rewards, lengths, has_stop = [], [], []
-        for i, rollout in enumerate(greedy_rollouts(self.model, self.eval_prompts, size, p.max_new_tokens,
-                                                    self.stop_ids, self.tok.pad_id, trainer.to_device, trainer.dist)):
-            rows = collate_prompts(self.eval_prompts[i * size: (i + 1) * size], self.tok.pad_id)
+        for i, (rows, rollout) in enumerate(greedy_rollouts(self.model, self.eval_prompts, p.prompts_per_rollout,
+                                                            p.max_new_tokens, self.stop_ids, self.tok.pad_id,
+                                                            trainer.to_device, trainer.dist)):
             rewards.append(self.score(rollout, rows["prompts"], rows["fields"], f"eval batch {i + 1}").cpu())
             lengths.append(rollout.response_mask.sum(-1).cpu())
             has_stop.append(rollout.has_stop.cpu())
