@@ -53,15 +53,12 @@ from minirlhf.losses import (
 )
 from minirlhf.model import Transformer
 from minirlhf.rewards import (
-    STAGE_FIELDS,
     RewardError,
     RewardFunction,
     as_reward_function,
-    check_reward_fields,
+    check_data_fields,
     load_reward_function,
-    required_fields,
     score_completions,
-    short_prompt,
 )
 from minirlhf.stages import StageSection, StageSpec
 from minirlhf.stages.common import PolicyStage, Reference, build_reference, non_finite_error, non_finite_sampling
@@ -224,23 +221,6 @@ def source_names(functions: list[RewardFunction], has_reward_model: bool) -> lis
     names = [f.name.rpartition(":")[2].rpartition(".")[2] for f in functions]
     names += ["reward_model"] if has_reward_model else []
     return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
-def check_data_fields(functions: list[RewardFunction], examples: list[dict], split: str) -> None:
-    """Before any compute: every field a reward function requires is a column of every data row (or a stage
-    field, or a constant from reward_kwargs). A column that only some rows have is named with the first row
-    without it."""
-    if not examples:
-        return
-    columns = set.intersection(*(set(e["fields"]) for e in examples))
-    for fn in functions:
-        for name in required_fields(fn):
-            if name in columns or name in STAGE_FIELDS or all(name not in e["fields"] for e in examples):
-                continue
-            row = next(i for i, e in enumerate(examples) if name not in e["fields"])
-            raise RewardError(f"reward function {fn.name!r} needs the field {name!r}, which {split} row {row + 1} "
-                              f"(prompt {short_prompt(examples[row]['prompt'])!r}) lacks; add it to every row")
-    check_reward_fields(functions, sorted(columns))
 
 
 # --------------------------------------------------------------------------------------------------
