@@ -51,6 +51,7 @@ from minirlhf.losses import (
     nan_std,
     weighted_reward_sum,
 )
+from minirlhf.losses.grpo import MICRO_BATCH_MEAN_LOSS_TYPES
 from minirlhf.model import Transformer
 from minirlhf.rewards import (
     RewardError,
@@ -79,11 +80,6 @@ from minirlhf.toml_fields import PY_SPEC, ConfigError, check, check_choice, sett
 from minirlhf.trainer import StepResult, Trainer
 
 logger = logging.getLogger(__name__)
-
-# the losses whose value is a mean over the micro-batch: micro-batch losses are averaged; dapo and cispo
-# divide by the whole minibatch's tokens themselves, so theirs are summed
-MEAN_LOSSES = ("grpo", "bnpo", "dr_grpo")
-
 
 @dataclass
 class GRPOSection(StageSection):
@@ -401,7 +397,7 @@ class GRPOStage(PolicyStage):
             epsilon_high=p.epsilon_high or None, importance_sampling_level=p.importance_sampling_level,
             delta=p.delta or None, beta=p.beta, ref_logprobs=batch.ref_logprobs, num_items_in_batch=num_items,
             max_completion_length=p.max_new_tokens)
-        if p.loss_type in MEAN_LOSSES:
+        if p.loss_type in MICRO_BATCH_MEAN_LOSS_TYPES:
             loss = loss / n_micro
         return loss, stats, logprobs.detach(), entropy
 
