@@ -427,7 +427,8 @@ class GRPOStage(PolicyStage):
         n_micro = size // p.micro_batch_size
         record = rollout.logprobs is None and p.num_iterations > 1
         recorded = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=device) if record else None
-        # float64 device accumulators, read once at the end: a float() per micro-batch would wait for its backward
+        # float64 device accumulators, read once at the end rather than a float() per metric and micro-batch
+        # (Rollout.select still reads each micro-batch's width on the host)
         sums: dict[str, torch.Tensor] = {}
         zero = torch.zeros((), dtype=torch.float64, device=device)
         entropy_sum, entropy_tokens, updates = zero, zero, 0
