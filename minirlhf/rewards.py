@@ -271,6 +271,24 @@ def check_reward_fields(functions: Sequence[Callable[..., Any] | RewardFunction]
                                   f"(their columns: {have}); add it to every row or fix it in the config")
 
 
+def check_data_fields(functions: Sequence[RewardFunction], examples: Sequence[dict], split: str) -> None:
+    """Before any compute: every field a reward function requires is a column of every data row (or a stage
+    field, or a constant bound from the config). A column that only some rows have is named with the first
+    row without it; the rest is `check_reward_fields` on the columns of every row. examples: encoded rows of
+    data.encode_prompt ({"prompt", "fields"}); split names them in the error ("training", "eval")."""
+    if not examples:
+        return
+    columns = set.intersection(*(set(e["fields"]) for e in examples))
+    for fn in functions:
+        for name in required_fields(fn):
+            if name in columns or name in STAGE_FIELDS or all(name not in e["fields"] for e in examples):
+                continue
+            row = next(i for i, e in enumerate(examples) if name not in e["fields"])
+            raise RewardError(f"reward function {fn.name!r} needs the field {name!r}, which {split} row {row + 1} "
+                              f"(prompt {_short_prompt(examples[row]['prompt'])!r}) lacks; add it to every row")
+    check_reward_fields(functions, sorted(columns))
+
+
 # ---------------------------------------------------------------------------------------------------
 # scoring
 
@@ -284,7 +302,7 @@ def _fields_for(fn: RewardFunction, fields: Mapping[str, Sequence[Any]]) -> dict
             if k not in bound and k not in CALL_ARGS and (takes_any or k in params)}
 
 
-def short_prompt(prompt: Any) -> str:
+def _short_prompt(prompt: Any) -> str:
     """A prompt as error messages show it: at most 60 characters."""
     prompt = str(prompt)
     return prompt if len(prompt) <= 60 else prompt[:57] + "..."
@@ -292,7 +310,7 @@ def short_prompt(prompt: Any) -> str:
 
 def _row_label(i: int, prompts: Sequence[str], rows: Sequence[str] | None) -> str:
     where = rows[i] if rows is not None else f"row {i}"
-    return f"{where} (prompt {short_prompt(prompts[i])!r})"
+    return f"{where} (prompt {_short_prompt(prompts[i])!r})"
 
 
 def _call(fn: RewardFunction, prompts: list[str], completions: list[str], fields: dict[str, Sequence[Any]],

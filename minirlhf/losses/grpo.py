@@ -21,6 +21,9 @@ SCALE_REWARDS = ("group", "batch", "none")
 REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo")
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo")
+# the loss types whose value is a mean over the micro-batch, to divide by the accumulation steps; dapo and cispo
+# divide by num_items_in_batch (the whole accumulated batch's tokens) themselves, so their losses are summed
+MICRO_BATCH_MEAN_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
@@ -259,7 +262,8 @@ def grpo_policy_loss(
                micro-batch losses; None = this micro-batch's count, i.e. bnpo)
       dr_grpo: sum_it m l / (B * max_completion_length)  (Dr. GRPO: a constant in place of |o_i|)
       cispo:   as dapo.
-    grpo, bnpo and dr_grpo are means over this micro-batch: divide by the accumulation steps as usual.
+    grpo, bnpo and dr_grpo (MICRO_BATCH_MEAN_LOSS_TYPES) are means over this micro-batch: divide by the
+    accumulation steps as usual.
 
     logprobs: [B, T] (with grad); old_logprobs, ref_logprobs: [B, T] (constants; pass logprobs.detach() as
     old_logprobs for an on-policy step); advantages: [B] or [B, T] (constants); mask: [B, T] bool or 0/1.

@@ -51,20 +51,18 @@ from minirlhf.losses import (
     nan_std,
     weighted_reward_sum,
 )
+from minirlhf.losses.grpo import MICRO_BATCH_MEAN_LOSS_TYPES
 from minirlhf.model import Transformer
 from minirlhf.rewards import (
-    STAGE_FIELDS,
     RewardError,
     RewardFunction,
     as_reward_function,
-    check_reward_fields,
+    check_data_fields,
     load_reward_function,
-    required_fields,
     score_completions,
-    short_prompt,
 )
 from minirlhf.stages import StageSection, StageSpec
-from minirlhf.stages.common import PolicyStage, Reference, build_reference, non_finite_sampling
+from minirlhf.stages.common import PolicyStage, Reference, build_reference, non_finite_error, non_finite_sampling
 from minirlhf.stages.rollout import (
     RewardModelScorer,
     Rollout,
@@ -73,6 +71,7 @@ from minirlhf.stages.rollout import (
     decode_rollout,
     greedy_rollouts,
     make_rollout,
+    non_finite_parts,
     response_logprobs,
     sync_time,
 )
@@ -81,11 +80,6 @@ from minirlhf.toml_fields import PY_SPEC, ConfigError, check, check_choice, sett
 from minirlhf.trainer import StepResult, Trainer
 
 logger = logging.getLogger(__name__)
-
-# the losses whose value is a mean over the micro-batch: micro-batch losses are averaged; dapo and cispo
-# divide by the whole minibatch's tokens themselves, so theirs are summed
-MEAN_LOSSES = ("grpo", "bnpo", "dr_grpo")
-
 
 @dataclass
 class GRPOSection(StageSection):
@@ -225,23 +219,6 @@ def source_names(functions: list[RewardFunction], has_reward_model: bool) -> lis
     return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def check_data_fields(functions: list[RewardFunction], examples: list[dict], split: str) -> None:
-    """Before any compute: every field a reward function requires is a column of every data row (or a stage
-    field, or a constant from reward_kwargs). A column that only some rows have is named with the first row
-    without it."""
-    if not examples:
-        return
-    columns = set.intersection(*(set(e["fields"]) for e in examples))
-    for fn in functions:
-        for name in required_fields(fn):
-            if name in columns or name in STAGE_FIELDS or all(name not in e["fields"] for e in examples):
-                continue
-            row = next(i for i, e in enumerate(examples) if name not in e["fields"])
-            raise RewardError(f"reward function {fn.name!r} needs the field {name!r}, which {split} row {row + 1} "
-                              f"(prompt {short_prompt(examples[row]['prompt'])!r}) lacks; add it to every row")
-    check_reward_fields(functions, sorted(columns))
-
-
 # --------------------------------------------------------------------------------------------------
 # the stage
 
@@ -329,7 +306,9 @@ class GRPOStage(PolicyStage):
 
     def sample(self, trainer: Trainer, where: str) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
         """One generation round on the next prompt batch: the rollout (old log-probs measured only when an
-        update is not the whole pass; reference log-probs when beta > 0), its rewards [B, F], and timings."""
+        update is not the whole pass; reference log-probs when beta > 0), its rewards [B, F], and timings.
+        A NaN or inf among the measured log-probs or the reward model's scores stops the run, as in ppo
+        (common.non_finite_error); only a reward function's None reads as "no reward"."""
         p = self.cfg.grpo
         prompts = trainer.to_device(next(self.batches))
         start = time.perf_counter()
@@ -342,8 +321,14 @@ class GRPOStage(PolicyStage):
         measured = sync_time(rollout.input_ids)
         with trainer.autocast():
             rewards = self.score(rollout, prompts["prompts"], prompts["fields"], where)
-        return rollout, rewards, {"time/generate": generating, "time/logprobs": measured - start - generating,
-                                  "time/score": time.perf_counter() - measured}
+        timings = {"time/generate": generating, "time/logprobs": measured - start - generating,
+                   "time/score": time.perf_counter() - measured}
+        if self.scorer is not None:  # the scorer's output as it came: a NaN in it is a broken model, not a None
+            rollout.raw_scores = rewards[:, -1]
+        bad = non_finite_parts(rollout)
+        if all_mean(float(bool(bad))) > 0:  # every rank stops, not only the one that saw it
+            raise non_finite_error(trainer, " and ".join(bad) or "values on another rank")
+        return rollout, rewards, timings
 
     def experience(self, trainer: Trainer) -> tuple[Rollout, torch.Tensor, list[tuple[Rollout, torch.Tensor]],
                                                      dict[str, float]]:
@@ -412,7 +397,7 @@ class GRPOStage(PolicyStage):
             epsilon_high=p.epsilon_high or None, importance_sampling_level=p.importance_sampling_level,
             delta=p.delta or None, beta=p.beta, ref_logprobs=batch.ref_logprobs, num_items_in_batch=num_items,
             max_completion_length=p.max_new_tokens)
-        if p.loss_type in MEAN_LOSSES:
+        if p.loss_type in MICRO_BATCH_MEAN_LOSS_TYPES:
             loss = loss / n_micro
         return loss, stats, logprobs.detach(), entropy
 
@@ -423,9 +408,10 @@ class GRPOStage(PolicyStage):
             return response_mask & has_stop[:, None]
         return response_mask
 
-    def loss_tokens(self, rollout: Rollout, rows: torch.Tensor, trainer: Trainer) -> float:
+    def minibatch_tokens(self, rollout: Rollout, rows: torch.Tensor, trainer: Trainer) -> float:
         """The loss tokens of a minibatch summed over ranks and divided by their number: dapo's and cispo's
-        normaliser (gradients are averaged over ranks)."""
+        normaliser (gradients are averaged over ranks). Not Stage.loss_tokens, which weights the default
+        train_step's micro-batches."""
         mask = self.loss_mask(rollout.response_mask[rows], rollout.has_stop[rows])
         tokens = float(mask.sum())
         if trainer.dist is None:
@@ -441,12 +427,13 @@ class GRPOStage(PolicyStage):
         n_micro = size // p.micro_batch_size
         record = rollout.logprobs is None and p.num_iterations > 1
         recorded = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=device) if record else None
-        # float64 device accumulators, read once at the end: a float() per micro-batch would wait for its backward
+        # float64 device accumulators, read once at the end rather than a float() per metric and micro-batch
+        # (Rollout.select still reads each micro-batch's width on the host)
         sums: dict[str, torch.Tensor] = {}
         zero = torch.zeros((), dtype=torch.float64, device=device)
         entropy_sum, entropy_tokens, updates = zero, zero, 0
         minibatches = [torch.arange(start, start + size, device=device) for start in range(0, n, size)]
-        num_items = [self.loss_tokens(rollout, rows, trainer) for rows in minibatches]  # the same every pass
+        num_items = [self.minibatch_tokens(rollout, rows, trainer) for rows in minibatches]  # the same every pass
         for iteration in range(p.num_iterations):
             for rows, tokens in zip(minibatches, num_items):
                 for micro in rows.split(p.micro_batch_size):
@@ -531,11 +518,10 @@ class GRPOStage(PolicyStage):
         if not self.eval_prompts:
             return {}
         p = self.cfg.grpo
-        size = p.prompts_per_rollout
         rewards, lengths, has_stop = [], [], []
-        for i, rollout in enumerate(greedy_rollouts(self.model, self.eval_prompts, size, p.max_new_tokens,
-                                                    self.stop_ids, self.tok.pad_id, trainer.to_device, trainer.dist)):
-            rows = collate_prompts(self.eval_prompts[i * size: (i + 1) * size], self.tok.pad_id)
+        for i, (rows, rollout) in enumerate(greedy_rollouts(self.model, self.eval_prompts, p.prompts_per_rollout,
+                                                            p.max_new_tokens, self.stop_ids, self.tok.pad_id,
+                                                            trainer.to_device, trainer.dist)):
             rewards.append(self.score(rollout, rows["prompts"], rows["fields"], f"eval batch {i + 1}").cpu())
             lengths.append(rollout.response_mask.sum(-1).cpu())
             has_stop.append(rollout.has_stop.cpu())

@@ -445,7 +445,7 @@ class PPOStage(Stage):
             return {}
         p = self.cfg.ppo
         scores, lengths = [], []
-        for rollout in greedy_rollouts(self.policy, self.eval_prompts, p.minibatch_size, p.max_new_tokens,
+        for _, rollout in greedy_rollouts(self.policy, self.eval_prompts, p.minibatch_size, p.max_new_tokens,
                                        self.stop_ids, self.tok.pad_id, trainer.to_device, trainer.dist):
             scores.append(self.score_fn(rollout).float().cpu())
             lengths.append(rollout.response_mask.sum(-1).float().cpu())

@@ -273,16 +273,17 @@ def make_rollout(
 @torch.no_grad()
 def greedy_rollouts(policy: Transformer, prompts: Sequence[dict], batch_size: int, max_new_tokens: int,
                     stop_ids: list[int], pad_id: int, to_device: Callable[[dict], dict] = lambda b: b,
-                    dist: DistContext | None = None) -> Iterator[Rollout]:
+                    dist: DistContext | None = None) -> Iterator[tuple[dict, Rollout]]:
     """Greedy answers to encoded prompts ({"input_ids"}), in rollouts of batch_size prompts, in order (for
-    evaluation: greedy, so the RNG stream is untouched)."""
+    evaluation: greedy, so the RNG stream is untouched). Yields (the collated prompt batch, batching.
+    collate_prompts's, on the device; its rollout)."""
     for start in range(0, len(prompts), batch_size):
         batch = to_device(collate_prompts(prompts[start: start + batch_size], pad_id))
         with gathered(policy, dist):
             rollout, _ = generate_rollout(policy, batch["input_ids"], batch["attention_mask"],
                                           max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids,
                                           pad_id=pad_id)
-        yield rollout
+        yield batch, rollout
 
 
 class RewardModelScorer:
@@ -335,6 +336,8 @@ def non_finite_parts(rollout: Rollout) -> list[str]:
     parts = {"policy log-probs": rollout.logprobs, "reference log-probs": rollout.ref_logprobs,
              "critic values": rollout.values, "scores": rollout.raw_scores}
     parts = {k: v for k, v in parts.items() if v is not None}
+    if not parts:
+        return []
     finite = torch.stack([torch.isfinite(v).all() for v in parts.values()]).tolist()
     return [name for name, ok in zip(parts, finite) if not ok]
 
