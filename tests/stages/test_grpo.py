@@ -385,6 +385,21 @@ def test_sampling_from_a_non_finite_policy_stops_with_one_line_and_the_last_chec
     assert "step 2" in message and str(tmp_path / "out" / "checkpoints" / "step-0000001") in message
 
 
+def test_a_non_finite_reward_model_score_stops_with_one_line(tiny, tmp_path):
+    """A reward model whose head turns NaN gives NaN scores: a TrainingError naming the step, as ppo gives,
+    not a reward function's None (which would train on with advantage 0)."""
+    tiny_reward_model_dir(tmp_path / "rm", tiny["tok"])
+    cfg = grpo_config(tiny, tmp_path / "out", f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_weights=[1.0, 1.0]")
+    stage = build_stage(cfg)
+    with torch.no_grad():
+        for p in stage.scorer.reward_model.head.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(TrainingError) as err:
+        stage.train_step(Trainer(cfg, stage, "cpu"))
+    message = str(err.value)
+    assert message.startswith("non-finite scores") and "\n" not in message and "step 1" in message, message
+
+
 def test_the_python_api_refuses_a_stage_without_reward_sources(tiny, tmp_path):
     stage = build_stage(grpo_config(tiny, tmp_path / "out"))
     with pytest.raises(ValueError, match="no reward source"):
