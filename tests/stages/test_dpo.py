@@ -189,6 +189,9 @@ def test_steps_raise_held_out_accuracy_and_margin(tiny, loss_type):
     for _ in range(8):
         stage.train_step(trainer)
     after = stage.evaluate(trainer)
+    # measured over model init seeds 0-4 (train.seed 42-46) x threads 1, 2: margin gain sigmoid +7.7..+9.0,
+    # ipo +7.1..+7.6, simpo +0.83..+1.00, orpo +0.50..+0.65 (bound +0.02); accuracy 1.0 in all 40 runs (bound 5/6);
+    # margins after +0.51..+9.0 (bound 0)
     assert after["rewards/margins"] > before["rewards/margins"] + 0.02, (before, after)
     assert after["rewards/accuracies"] >= 5 / 6 and after["rewards/margins"] > 0
 
@@ -222,6 +225,7 @@ beta = 1.0
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert train_rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference: -log sigmoid(0)
+    # measured: last margin +2.49..+2.94 over model init seeds 0-4 (train.seed 42-46) x threads 1, 2; bound 0
     assert train_rows[-1]["rewards/margins"] > 0
     trl_names = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                  "logps/rejected"}

@@ -208,6 +208,8 @@ def test_steps_raise_held_out_margin(tiny):
             "loss"} <= set(logged)
     after = stage.evaluate(trainer)
     assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
+    # measured over model init seeds 0-4 (train.seed 42-46) x threads 1, 2: margins +5.36..+7.61 (bound 1.0),
+    # loss fall 0.36..0.45 (bound 0)
     assert after["rewards/margins"] > 1.0 and after["loss"] < before["loss"], (before, after)
 
 

@@ -210,6 +210,8 @@ def test_ppo_step_changes_policy_and_reduces_its_loss(tiny, tmp_path):
     changed = [n for n, p in stage.model.named_parameters() if p.requires_grad and not torch.equal(p, before_params[n])]
     assert any(n.startswith("policy.") for n in changed) and any(n.startswith("critic.") for n in changed)
     assert metrics["updates"] == 1.0
+    # measured: loss fall 0.056..0.068 over seeds 0-4 (policy init, reward model init 1-5, rollout sampling;
+    # train.seed 42-46) x threads 1, 2; bound 1e-3
     assert after < before - 1e-3, (before, after)
     # the reported loss is the objective before the update (old log-probs = current ones: ratio 1)
     assert metrics["loss"] == pytest.approx(before, rel=1e-4, abs=1e-6)
