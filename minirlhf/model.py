@@ -280,15 +280,15 @@ class MLP(nn.Module):
         self.frozen_in = self.frozen_down = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen_in is not None:
-            h = self.frozen_in(x)  # (B, T, 2I) gate and up, or GPT-2's (B, T, I)
-            if self.gated:
-                gate, up = h.chunk(2, dim=-1)
-                return self.frozen_down(F.silu(gate) * up)
-            return self.frozen_down(F.gelu(h, approximate="tanh"))
-        if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        """x: [B, T, C] -> down(silu(gate(x)) * up(x)) (SwiGLU) or GPT-2's down(gelu(up(x)))."""
+        down = self.frozen_down or self.down_proj  # frozen_*: set while generating (inference_weights.py)
+        if not self.gated:
+            return down(F.gelu((self.frozen_in or self.up_proj)(x), approximate="tanh"))
+        if self.frozen_in is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
+        else:
+            gate, up = self.frozen_in(x).chunk(2, dim=-1)  # one (B, T, 2I) matmul
+        return down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
