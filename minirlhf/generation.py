@@ -57,6 +57,10 @@ def _top_candidates(logits: torch.Tensor, top_k: int | None, top_p: float | None
     core), so the nucleus is looked for among the top-k, or without top-k among the best
     NUCLEUS_CANDIDATES tokens when they hold top_p of the probability in every row (exact: every token
     outside them ranks after them); only otherwise are all V sorted.
+
+    Both decisions read a number back from the device (the count of ties with the k-th value; whether a
+    row's nucleus fills all candidates), so on a GPU top-k / top-p sampling syncs once a token; greedy and
+    plain temperature sampling do not.
     """
     V = logits.shape[-1]
     k = top_k if top_k is not None and 0 < top_k < V else None

@@ -280,15 +280,15 @@ class MLP(nn.Module):
         self.frozen_in = self.frozen_down = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen_in is not None:
-            h = self.frozen_in(x)  # (B, T, 2I) gate and up, or GPT-2's (B, T, I)
-            if self.gated:
-                gate, up = h.chunk(2, dim=-1)
-                return self.frozen_down(F.silu(gate) * up)
-            return self.frozen_down(F.gelu(h, approximate="tanh"))
-        if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        """x: [B, T, C] -> down(silu(gate(x)) * up(x)) (SwiGLU) or GPT-2's down(gelu(up(x)))."""
+        down = self.frozen_down or self.down_proj  # frozen_*: set while generating (inference_weights.py)
+        if not self.gated:
+            return down(F.gelu((self.frozen_in or self.up_proj)(x), approximate="tanh"))
+        if self.frozen_in is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
+        else:
+            gate, up = self.frozen_in(x).chunk(2, dim=-1)  # one (B, T, 2I) matmul
+        return down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -309,10 +309,11 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _block_training_forward(layer: Block, x: torch.Tensor, rope: Rope | None, document_ids: torch.Tensor | None,
-                            backend: str) -> torch.Tensor:
-    """One block without a KV cache: what `Transformer.compile_blocks` compiles."""
-    return layer(x, rope, document_ids, None, None, backend)
+def _run_block(layer: Block, x: torch.Tensor, rope: Rope | None, document_ids: torch.Tensor | None,
+               cache_slots: torch.Tensor | None, cache_mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """layer(x, ...) as a plain function of the layer: what `Transformer.compile_blocks` compiles, once for
+    all layers."""
+    return layer(x, rope, document_ids, cache_slots, cache_mask, backend)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,20 +398,14 @@ class Transformer(nn.Module):
         else:
             rope = rope_cos_sin(self.config, positions, torch.float32, inv_freq)
         training = self.training and torch.is_grad_enabled()
-        if training and cache_slots is None and self.compiled_block is not None:
-            for layer in self.layers:
-                if self.activation_checkpointing:
-                    x = checkpoint(self.compiled_block, layer, x, rope, document_ids, self.kernel_backend,
-                                   use_reentrant=False)
-                else:
-                    x = self.compiled_block(layer, x, rope, document_ids, self.kernel_backend)
-            return self.norm(x)
+        compiled = training and cache_slots is None and self.compiled_block is not None
+        run = self.compiled_block if compiled else _run_block
+        args = (rope, document_ids, cache_slots, cache_mask, self.kernel_backend)
         for layer in self.layers:
             if self.activation_checkpointing and training:
-                x = checkpoint(layer, x, rope, document_ids, cache_slots, cache_mask, self.kernel_backend,
-                               use_reentrant=False)
+                x = checkpoint(run, layer, x, *args, use_reentrant=False)
             else:
-                x = layer(x, rope, document_ids, cache_slots, cache_mask, self.kernel_backend)
+                x = run(layer, x, *args)
         return self.norm(x)
 
     # -- torch.compile ---------------------------------------------------------------------------
@@ -426,7 +421,7 @@ class Transformer(nn.Module):
         tens of seconds on a CPU, reported by the trainer. Evaluation, reference and rollout forwards
         (no gradient) and generation stay eager: their shapes change every call.
         """
-        self.compiled_block = torch.compile(_block_training_forward)
+        self.compiled_block = torch.compile(_run_block)
 
     # -- KV cache ------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from minirlhf.checkpointing import (
 )
 from minirlhf.errors import TrainingError
 from minirlhf.interrupts import DeferredInterrupt
+from minirlhf.model import Transformer
 from minirlhf.optimization import adamw, decay_groups, lr_schedule
 from minirlhf.run_dir import OutputDir, OutputDirError, claim_output_dir
 from minirlhf.run_log import MetricsLog, plot_metrics
@@ -217,18 +218,15 @@ def has_diverged(losses: list[float], chance: float, patience: int = DIVERGENCE_
     return any(x < 0.9 * chance for x in before) and all(x >= 0.99 * chance for x in tail)
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module) -> None:
     """[train] compile: Transformer.compile_blocks on every decoder inside the trained model (the policy,
-    ppo's critic, the rm backbone); returns how many. The first step of each new batch shape then includes
-    compiling (tens of seconds on a CPU, once: all blocks share one compiled function)."""
-    from minirlhf.model import Transformer
-
+    ppo's critic, the rm backbone). Compiling happens in the first steps (tens of seconds on a CPU, counted
+    in their time/step; Transformer.compile_blocks says when it compiles again)."""
     decoders = [m for m in model.modules() if isinstance(m, Transformer)]
     for decoder in decoders:
         decoder.compile_blocks()
     logger.info("[train] compile: %d decoder(s) run their blocks through torch.compile; the first steps include "
-             "compiling", len(decoders))
-    return len(decoders)
+                "compiling", len(decoders))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -66,23 +66,33 @@ def _use_triton(backend: str, device: torch.device, op: str) -> bool:
 
 
 def _labelled_rows(
-    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int
+    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab_size: int
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Only the rows with a label: a prompt, padding or an unanswered position needs no logits, so
-    the LM head (2 * V * H FLOPs a row forward, twice that backward) skips them. transformers computes
-    them and masks the loss; in an sft batch with a quarter of prompt tokens that is a quarter of the
-    head's work saved. hidden: [N, H], labels: [N] -> (kept [N] bool or None when every row is
-    labelled, hidden [n, H], labels [n]). The gradient of the skipped rows is 0, as it was."""
+    """Check the labels and keep only the rows that have one: a prompt, padding or an unanswered
+    position needs no logits, so the LM head (2 * V * H FLOPs a row forward, twice that backward) skips
+    them. transformers computes them and masks the loss; in an sft batch with a quarter of prompt tokens
+    that is a quarter of the head's work saved. The gradient of the skipped rows is 0, as it was.
+
+    hidden: [N, H], labels: [N] -> (kept [N] bool or None when every row is labelled, hidden [n, H],
+    labels [n]). Raises ValueError for a label outside [0, vocab_size) other than ignore_index. Both
+    questions (any bad label? how many kept?) come back from the device in one read.
+    """
     kept = labels != ignore_index
-    if bool(kept.all()):
+    out_of_range = kept & ((labels < 0) | (labels >= vocab_size))
+    n_kept, n_bad = torch.stack([kept.sum(), out_of_range.sum()]).tolist()  # the one host sync
+    if n_bad:
+        raise ValueError(f"kernels.cross_entropy: label {int(labels[out_of_range][0])} out of range for "
+                         f"vocab_size {vocab_size} (ignore_index={ignore_index})")
+    if n_kept == len(labels):
         return None, hidden, labels
-    rows = kept.nonzero().squeeze(1)
+    rows = torch.nonzero_static(kept, size=n_kept)[:, 0]  # (n,); nonzero() would read its size back again
     return kept, hidden.index_select(0, rows), labels.index_select(0, rows)
 
 
-def _scatter_rows(values: torch.Tensor, kept: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """values [n] of the kept rows back at their places in [n_rows], 0 elsewhere (differentiable)."""
-    return values.new_zeros(n_rows).masked_scatter(kept, values)
+def _scatter_rows(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """values [n] of the kept rows back at their places in [N] (kept: [N] bool), 0 elsewhere
+    (differentiable)."""
+    return values.new_zeros(kept.shape).masked_scatter(kept, values)
 
 
 def attention(
@@ -111,10 +121,10 @@ def linear_cross_entropy(
         raise ValueError(f"kernels.linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     fn = (linear_cross_entropy_triton if _use_triton(backend, hidden.device, "linear_cross_entropy")
           else linear_cross_entropy_chunked)
-    kept, hidden, labels = _labelled_rows(hidden, labels, ignore_index)
+    kept, hidden, labels = _labelled_rows(hidden, labels, ignore_index, weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):  # the chunks' matmuls write into their buffers
         loss = fn(hidden, weight, labels, ignore_index, reduction)
-    return loss if reduction != "none" or kept is None else _scatter_rows(loss, kept, len(kept))
+    return loss if reduction != "none" or kept is None else _scatter_rows(loss, kept)
 
 
 def linear_logprobs(
@@ -128,10 +138,10 @@ def linear_logprobs(
     if not temperature > 0:
         raise ValueError(f"kernels.linear_logprobs: temperature must be > 0, got {temperature}")
     fn = linear_logprobs_triton if _use_triton(backend, hidden.device, "linear_logprobs") else linear_logprobs_chunked
-    kept, hidden, labels = _labelled_rows(hidden, labels, ignore_index)
+    kept, hidden, labels = _labelled_rows(hidden, labels, ignore_index, weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
         logprobs = fn(hidden, weight, labels, temperature, ignore_index)
-    return logprobs if kept is None else _scatter_rows(logprobs, kept, len(kept))
+    return logprobs if kept is None else _scatter_rows(logprobs, kept)
 
 
 __all__ = ["attention", "linear_cross_entropy", "linear_logprobs"]

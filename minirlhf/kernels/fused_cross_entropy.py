@@ -239,13 +239,6 @@ def fused_linear_pass(
             grad_weight += torch.mm(logits.T, hidden[s:e]).to(grad_weight.dtype)
 
 
-def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
-        raise ValueError(f"kernels.cross_entropy: label {int(labels[bad][0])} out of range for vocab_size "
-                         f"{vocab_size} (ignore_index={ignore_index})")
-
-
 def _grad_weight_buffer(weight: torch.Tensor) -> torch.Tensor:
     """Zeros for dW, float32 when the weight is bf16/fp16: the sum over chunks then rounds once, at the
     end, as one unchunked matmul would, instead of once a chunk to 8 bits of mantissa."""
@@ -338,16 +331,14 @@ def _wants_grad(*tensors: torch.Tensor) -> bool:
 
 
 def _fused_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk, backend) -> torch.Tensor:
-    _check_labels(labels, weight.shape[0], ignore_index)
     if reduction == "none":
         return -FusedLinearLogprobs.apply(hidden, weight, labels, 1.0, ignore_index, chunk, backend)
     return FusedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk, backend,
                                          _wants_grad(hidden, weight))
 
 
-def _fused_logprobs(hidden, weight, labels, temperature, ignore_index, chunk, backend) -> torch.Tensor:
-    _check_labels(labels, weight.shape[0], ignore_index)
-    return FusedLinearLogprobs.apply(hidden, weight, labels, float(temperature), ignore_index, chunk, backend)
+# The backends of minirlhf.kernels' dispatch, which checks the inputs first (shapes, dtypes, labels in [0, V)
+# or ignore_index: an out-of-range label would read outside its row of logits).
 
 
 def linear_cross_entropy_triton(
@@ -364,7 +355,7 @@ def linear_logprobs_triton(
     ignore_index: int = -100, chunk: int | None = None,
 ) -> torch.Tensor:
     """Fused version of linear_logprobs_torch: [N] fp32 label log-probs, 0 where ignored."""
-    return _fused_logprobs(hidden, weight, labels, temperature, ignore_index, chunk, "triton")
+    return FusedLinearLogprobs.apply(hidden, weight, labels, float(temperature), ignore_index, chunk, "triton")
 
 
 def linear_cross_entropy_chunked(
@@ -381,4 +372,4 @@ def linear_logprobs_chunked(
     ignore_index: int = -100, chunk: int | None = None,
 ) -> torch.Tensor:
     """linear_logprobs_torch without the [N, V] logits (see linear_cross_entropy_chunked)."""
-    return _fused_logprobs(hidden, weight, labels, temperature, ignore_index, chunk, "torch")
+    return FusedLinearLogprobs.apply(hidden, weight, labels, float(temperature), ignore_index, chunk, "torch")
