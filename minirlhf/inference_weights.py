@@ -48,13 +48,27 @@ def _mkldnn_packs(weight: torch.Tensor, batch: int) -> bool:
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+@torch.library.custom_op("minirlhf::prepacked_linear", mutates_args=())
+def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+                     ) -> torch.Tensor:
+    """oneDNN's linear on a weight in its blocked layout (`_reorder_linear_weight`). x: [..., in] ->
+    [..., out_features]. An op of its own so that torch.compile calls it as it is: inductor's lowering of
+    oneDNN's linear accepts only weights it froze itself, and freezing would bake the weights into the
+    compiled step (stale once training changes them); around this op inductor still fuses everything else."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@prepacked_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class FrozenLinear:
     """y = x W^T + b for a weight that stays fixed while this object lives.
 
     weight: [out, in], bias: [out] or None; batch: the number of rows the packing is tuned for (any
     number of rows still works). On the CPU the weight is held only in oneDNN's blocked layout, unless
-    prepack is False (torch.compile: inductor lowers oneDNN's linear only for weights it froze itself;
-    autocast: oneDNN's op takes no part in it, F.linear does).
+    prepack is False (autocast: oneDNN's op takes no part in it, F.linear does).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch: int, prepack: bool = True):
@@ -65,7 +79,9 @@ class FrozenLinear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch) if self.packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
+        if self.packed and torch.compiler.is_compiling():
+            return prepacked_linear(x, self.weight, self.bias, self.out_features)
+        if self.packed:  # eager: the op itself, without the custom op's dispatch
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

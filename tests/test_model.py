@@ -330,16 +330,35 @@ def test_generation_mask_is_opened_in_place():
 
 @pytest.mark.slow
 def test_compiled_step_generates_the_same_tokens(tmp_path):
-    """generate(compile=True) runs each step through torch.compile: same tokens as eager."""
+    """generate(compile=True) runs each step through torch.compile, its matmuls on the prepacked weights
+    (oneDNN's op, which inductor would not take, wrapped as `prepacked_linear`): same tokens as eager. Calls
+    of the same shapes reuse the compiled step; another cache length compiles once more, symbolically, and
+    a third one reuses that."""
+    from torch._dynamo.utils import counters
+
     hf = hf_model("llama_gqa")
     hf.save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path).eval()
     ids, mask = batch()
     kw = {"max_new_tokens": 4, "temperature": 0, "eos_token_id": [], "pad_token_id": 0}
     eager = ours.generate(ids, mask, **kw)
-    compiled = ours.generate(ids, mask, compile=True, **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.profiler.profile() as profile:
+        compiled = ours.generate(ids, mask, compile=True, **kw)
     assert torch.equal(eager.tokens, compiled.tokens)
     torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
+    # float32 from batch 2 is prepacked (inference_weights._mkldnn_packs); the compiled step calls the wrapper
+    assert "minirlhf::prepacked_linear" in {event.key for event in profile.key_averages()}
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    ours.generate(ids, mask, compile=True, **kw)
+    assert counters["stats"]["unique_graphs"] == graphs  # new fused weights, same shapes: nothing compiled
+    longer = ours.generate(ids, mask, compile=True, **{**kw, "max_new_tokens": 6})
+    assert torch.equal(longer.tokens, ours.generate(ids, mask, **{**kw, "max_new_tokens": 6}).tokens)
+    graphs = counters["stats"]["unique_graphs"]
+    ours.generate(ids, mask, compile=True, **{**kw, "max_new_tokens": 9})
+    assert counters["stats"]["unique_graphs"] == graphs  # the symbolic step serves a third length
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
