@@ -295,6 +295,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk, backend="triton", want_grad=True):
+        ctx.weight_dtype = weight.dtype
+        weight = weight.to(hidden.dtype)  # autocast: cast here, so dW comes back in the weight's own dtype
         N = hidden.shape[0]
         valid = labels != ignore_index
         count = valid.sum().float()
@@ -308,7 +310,6 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                           logprob=logprob, row_scale=row_scale if wants_grad else None,
                           grad_hidden=grad_hidden, grad_weight=grad_weight, chunk=chunk, backend=backend)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         loss = -logprob.sum()
         return loss / count if reduction == "mean" else loss
 
@@ -325,6 +326,8 @@ class FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, ignore_index, chunk, backend="triton"):
+        ctx.weight_dtype = weight.dtype
+        weight = weight.to(hidden.dtype)  # autocast: cast here, so dW comes back in the weight's own dtype
         N = hidden.shape[0]
         lse = torch.empty(N, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         logprob = torch.empty_like(lse)
@@ -347,19 +350,21 @@ class FusedLinearLogprobs(torch.autograd.Function):
                               ignore_index=ctx.ignore_index, lse=lse, row_scale=row_scale,
                               grad_hidden=grad_hidden, grad_weight=grad_weight, chunk=ctx.chunk, backend=ctx.backend)
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
-    """Raise ValueError naming the argument when shapes or dtypes do not fit [N, H], [V, H], [N]."""
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        compute_dtype: torch.dtype | None = None) -> None:
+    """Raise ValueError naming the argument when shapes or dtypes do not fit [N, H], [V, H], [N].
+    compute_dtype (autocast's): the weight may be stored in another floating dtype, cast to it inside."""
     if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
         raise ValueError(f"kernels.cross_entropy: want hidden [N, H], weight [V, H], labels [N]; got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
     if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"kernels.cross_entropy: shapes do not match: hidden {tuple(hidden.shape)}, "
                          f"weight {tuple(weight.shape)}, labels {tuple(labels.shape)}")
-    if hidden.dtype != weight.dtype:
+    if hidden.dtype != weight.dtype and not (compute_dtype == hidden.dtype and weight.is_floating_point()):
         raise ValueError(f"kernels.cross_entropy: hidden {hidden.dtype} and weight {weight.dtype} dtypes differ")
     if labels.is_floating_point():
         raise ValueError(f"kernels.cross_entropy: labels must be integers, got {labels.dtype}")

@@ -200,3 +200,22 @@ def test_training_curve_matches_torch_path():
     assert max(abs(a - b) for a, b in zip(curves["triton"], curves["torch"])) < 1e-5
     for got, want in zip(finals["triton"], finals["torch"]):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float32_weight_under_bf16_autocast(reduction):
+    """A float32 head under CPU bf16 autocast (the torch path): the weight is cast inside the autograd
+    Function, so its gradient comes back float32 (the float32 sum over chunks), and it matches float64 on the
+    bf16-rounded inputs within the bf16 bound; the loss function, not the caller, does the cast."""
+    hidden, weight, labels = (x.cpu() for x in make_inputs(torch.float32, seed=6))
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = K.linear_cross_entropy(hidden, weight, labels, reduction=reduction, backend="torch")
+    (loss * upstream.float()).sum().backward()
+    h64, w64 = float64_leaves(hidden.bfloat16(), weight.bfloat16())
+    ref = F.cross_entropy(h64 @ w64.T, labels, reduction=reduction)
+    (ref * upstream).sum().backward()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    assert rel_err(loss, ref.detach()) <= BOUNDS[torch.bfloat16]
+    assert rel_err(weight.grad, w64.grad) <= BOUNDS[torch.bfloat16]
+    assert rel_err(hidden.grad, h64.grad) <= BOUNDS[torch.bfloat16]
