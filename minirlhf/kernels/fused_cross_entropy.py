@@ -150,7 +150,8 @@ def _ce_chunk_torch(
         if wide_buf is None:  # float32 / float64 chunk: log-softmax in place, exp gives the softmax back
             log_probs = torch.log_softmax(logits, -1, out=logits)
         else:
-            log_probs = torch.log_softmax(logits, -1, dtype=wide, out=wide_buf)
+            # copied, then in place: log_softmax(dtype=float32) would hold one more float32 copy of the chunk
+            log_probs = torch.log_softmax(wide_buf.copy_(logits), -1, out=wide_buf)
         label_logp = log_probs.gather(1, safe)[:, 0]
         lse.copy_(target - label_logp)
         logprob.copy_(torch.where(valid, label_logp, 0.0))
