@@ -172,8 +172,9 @@ def _ce_chunk_torch(
         scaled_rows = (hidden.to(wide) * scale).to(hidden.dtype)  # (C, H): c_n h_n / tau
         if grad_weight.dtype == probs.dtype:  # one rounding a chunk; the matmul itself sums in fp32
             grad_weight.addmm_(probs.T, scaled_rows)
-        else:
-            grad_weight += torch.mm(probs.T, scaled_rows)  # bf16 product added into the float32 sum
+        else:  # bf16 products added into the float32 sum, 8192 vocabulary rows at a time: no [V, H] temporaries
+            for v in range(0, probs.shape[1], 8192):
+                grad_weight[v:v + 8192] += torch.mm(probs[:, v:v + 8192].T, scaled_rows)
 
 
 def _interpreting() -> bool:
