@@ -23,7 +23,7 @@ V = 97  # odd sizes everywhere: B, T, V, H and the chunk size do not divide one 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """7-token chunks, so every batch below spans several chunks and ends in a partial one."""
-    monkeypatch.setattr(xent, "cpu_chunk_size", lambda n_tokens, vocab_size: 7)
+    monkeypatch.setattr(xent, "cpu_chunk_size", lambda n_tokens, vocab_size, *_: 7)
 
 
 def tiny_model(seed: int = 0, tied: bool = False) -> Transformer:

@@ -29,8 +29,8 @@ Where the gradient is computed:
   backward recomputes each chunk's logits: 4 matmuls in all (one more than unfused) for O(N) saved memory.
 
 The same chunk loop and autograd Functions run without Triton (backend "torch", the CPU path): the row
-kernel's work is then a few in-place torch ops on the chunk (`_ce_rows_torch`), with smaller chunks
-(`cpu_chunk_size`) and dW accumulated in float32 when the weight is bf16/fp16. Neither path ever holds
+kernel's work is then one fused softmax or log-softmax over the chunk (`_ce_chunk_torch`), with smaller
+chunks (`cpu_chunk_size`) and dW accumulated in float32 when the weight is bf16/fp16. Neither path ever holds
 more than one chunk of logits; `linear_*_torch` below are the unchunked references the tests compare with.
 """
 from __future__ import annotations
@@ -118,39 +118,63 @@ def _ce_rows_kernel(
             tl.store(ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=cols < V)
 
 
-def _ce_rows_torch(
-    logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor | None, lse: torch.Tensor,
-    logprob: torch.Tensor | None, inv_temperature: float, ignore_index: int,
+def _ce_chunk_torch(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, logits_buf: torch.Tensor,
+    wide_buf: torch.Tensor | None, *, inv_temperature: float, ignore_index: int, lse: torch.Tensor,
+    logprob: torch.Tensor | None, row_scale: torch.Tensor | None, grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
 ) -> None:
-    """What `_ce_rows_kernel` does, for a whole chunk at once in torch ops, in place on the chunk.
+    """One chunk of `fused_linear_pass` in torch ops: what `_ce_rows_kernel` and the matmuls around it do.
 
-    logits: [C, V] (overwritten), labels, row_scale, lse, logprob: [C]. logprob given: write the row
-    log-sum-exp and label log-probs; otherwise read lse. row_scale given: overwrite logits with
-    row_scale * (softmax - onehot(label)) / temperature. One [C, V] buffer of at least fp32: the chunk
-    itself when it is fp32 or fp64, one fp32 copy otherwise.
+    hidden: [C, H], labels, lse, logprob, row_scale: [C], logits_buf: [C, V] in hidden's dtype,
+    wide_buf: [C, V] float32 scratch for the log-softmax of a bf16/fp16 chunk (None otherwise),
+    grad_hidden: [C, H] (overwritten), grad_weight: [V, H] (accumulated).
+
+    A CPU is bound by the passes over the [C, V] chunk (a bf16 elementwise pass over 672 x 49152 logits
+    costs about as much as one of its matmuls), so each step is one fused kernel: log_softmax (float32
+    statistics, written as float32) for the log-probs, softmax written over the chunk in its own dtype for
+    the gradient, and the per-row scale c_n / tau applied to the [C, H] rows of h (for dW) and of dh, never
+    to the [C, V] chunk:
+        dh_n = (c_n / tau) (p_n - onehot_n) W,   dW = sum_n (p_n - onehot_n) (c_n / tau) h_n^T
+    with p_n = softmax(W h_n / tau), computed as softmax(W (h_n / tau)).
     """
-    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()  # (C, V), scratch
+    wide = torch.promote_types(hidden.dtype, torch.float32)
     if inv_temperature != 1.0:
-        z = z.mul_(inv_temperature) if z is logits else z * inv_temperature
+        hidden = hidden * inv_temperature  # z / tau = (h / tau) W^T: scale the [C, H] rows, not the logits
+    logits = torch.mm(hidden, weight.T, out=logits_buf)  # (C, V)
     valid = labels != ignore_index
     safe = labels.masked_fill(~valid, 0)[:, None]  # (C, 1)
+    probs = None
     if logprob is not None:
-        target = z.gather(1, safe)[:, 0]  # read before z is overwritten
-        top = z.amax(-1, keepdim=True)  # (C, 1)
-        z = z.sub_(top).exp_()  # exp(z - max): the softmax numerators
-        total = z.sum(-1, keepdim=True)  # (C, 1)
-        lse.copy_((top + total.log())[:, 0])
-        logprob.copy_(torch.where(valid, target - lse, 0.0))
-        if row_scale is not None:
-            z = z.div_(total)  # softmax
-    elif row_scale is not None:
-        z = z.sub_(lse[:, None]).exp_()  # softmax from the saved log-sum-exp
+        target = logits.gather(1, safe)[:, 0].to(wide)  # read before the chunk is overwritten
+        if wide_buf is None:  # float32 / float64 chunk: log-softmax in place, exp gives the softmax back
+            log_probs = torch.log_softmax(logits, -1, out=logits)
+        else:
+            # copied, then in place: log_softmax(dtype=float32) would hold one more float32 copy of the chunk
+            log_probs = torch.log_softmax(wide_buf.copy_(logits), -1, out=wide_buf)
+        label_logp = log_probs.gather(1, safe)[:, 0]
+        lse.copy_(target - label_logp)
+        logprob.copy_(torch.where(valid, label_logp, 0.0))
+        if row_scale is not None and wide_buf is None:
+            probs = log_probs.exp_()
     if row_scale is None:
         return
-    z.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=z.dtype))  # - onehot(label); ignored rows get c = 0
-    z.mul_((row_scale.float() * inv_temperature)[:, None])
-    if z is not logits:
-        logits.copy_(z)
+    if probs is None:
+        probs = torch.softmax(logits, -1, out=logits)  # in place, float32 statistics; the saved lse not needed
+    # - onehot(label) (ignored rows get c = 0); at C places, not scatter_add_, which copies a bf16 chunk whole
+    at_label = torch.arange(probs.shape[0], device=probs.device) * probs.shape[1] + safe[:, 0]
+    flat = probs.view(-1)
+    flat.index_copy_(0, at_label, flat.index_select(0, at_label) - 1)
+    scale = row_scale.to(wide)[:, None]  # (C, 1)
+    if grad_hidden is not None:
+        torch.mm(probs, weight, out=grad_hidden).mul_(scale * inv_temperature)
+    if grad_weight is not None:
+        scaled_rows = (hidden.to(wide) * scale).to(hidden.dtype)  # (C, H): c_n h_n / tau
+        if grad_weight.dtype == probs.dtype:  # one rounding a chunk; the matmul itself sums in fp32
+            grad_weight.addmm_(probs.T, scaled_rows)
+        else:  # bf16 products added into the float32 sum, 8192 vocabulary rows at a time: no [V, H] temporaries
+            for v in range(0, probs.shape[1], 8192):
+                grad_weight[v:v + 8192] += torch.mm(probs[:, v:v + 8192].T, scaled_rows)
 
 
 def _interpreting() -> bool:
@@ -173,17 +197,25 @@ def chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
     return max(1, min(n_tokens, max(1024, by_memory)))
 
 
-def cpu_chunk_size(n_tokens: int, vocab_size: int, budget_bytes: int = 128 << 20) -> int:
-    """Tokens per chunk on the torch path: as many as fit `budget_bytes` of fp32 logits (128 MB: 672
-    tokens of a 49k vocabulary), a multiple of 16, at least 16, at most n_tokens.
+TORCH_CHUNK_BYTES = 192 << 20  # what one chunk of the torch path may hold, see cpu_chunk_size
 
+
+def cpu_chunk_size(n_tokens: int, vocab_size: int, bytes_per_logit: int = 4, budget_bytes: int = 128 << 20) -> int:
+    """Tokens per chunk on the torch path: as many as fit `budget_bytes` at `bytes_per_logit` bytes for
+    each of the chunk's [C, V] logits, a multiple of 16, at least 16, at most n_tokens.
+
+    The defaults (128 MB of float32: 672 tokens of a 49k vocabulary) size `logprobs.head_entropy`'s chunks.
+    `fused_linear_pass` gives `TORCH_CHUNK_BYTES` (192 MB, what its bf16 forward chunk of 672 tokens held
+    before: the bf16 logits and their float32 copy) and bytes_per_logit 4 for a float32 chunk (976 tokens),
+    6 for a bf16 forward (the chunk and its float32 log-softmax: 651 tokens), 2 for a bf16 backward (only
+    the chunk, its softmax written over it: 1953 tokens; fewer chunks, so fewer float32 additions into dW).
     Smaller chunks are not cheaper on a CPU: each chunk's bf16 matmul re-lays out the whole [V, H]
     weight for the matrix units (AMX), so with bf16 autocast 64-token chunks took 2.8x the time of
     512-token ones (135M SmolLM2, V = 49152, 2048 tokens, one thread; fp32 is flat from 256 up).
     Against the unchunked ~3 x N x V x 4 bytes (logits, their log-softmax, their gradient: 2.4 GB
-    for 4096 tokens of that vocabulary) this holds one [C, V] fp32 chunk (plus its bf16 copy).
+    for 4096 tokens of that vocabulary) this holds one chunk.
     """
-    rows = max(16, budget_bytes // (4 * vocab_size) // 16 * 16)
+    rows = max(16, budget_bytes // (bytes_per_logit * vocab_size) // 16 * 16)
     return max(1, min(n_tokens, rows))
 
 
@@ -202,7 +234,7 @@ def fused_linear_pass(
     grad_weight: torch.Tensor | None = None, chunk: int | None = None, backend: str = "triton",
 ) -> None:
     """Walk token chunks of hidden: [N, H] against weight: [V, H] and run the row kernel on each
-    (backend "triton": `_ce_rows_kernel`; "torch": `_ce_rows_torch`).
+    (backend "triton": `_ce_rows_kernel`; "torch": `_ce_chunk_torch`).
 
     logprob given: compute lse [N] and logprob [N] (fp32) in the same pass; otherwise lse is read.
     row_scale [N] given: also write grad_hidden [N, H] (overwritten) and/or add into grad_weight [V, H]
@@ -211,22 +243,31 @@ def fused_linear_pass(
     N, H = hidden.shape
     V = weight.shape[0]
     on_triton = backend == "triton"
-    C = chunk or (chunk_size(N, H, V) if on_triton else cpu_chunk_size(N, V))
+    # the torch path's float32 log-softmax of a low-precision chunk
+    wide = not on_triton and logprob is not None and hidden.dtype in (torch.float16, torch.bfloat16)
+    C = chunk or (chunk_size(N, H, V) if on_triton else
+                  cpu_chunk_size(N, V, hidden.element_size() + 4 * wide, TORCH_CHUNK_BYTES))
     write_grad = row_scale is not None
     buf = torch.empty(min(C, N), V, dtype=hidden.dtype, device=hidden.device)
+    wide_buf = torch.empty(min(C, N), V, dtype=torch.float32, device=hidden.device) if wide else None
     for s in range(0, N, C):
         e = min(s + C, N)
+        if not on_triton:
+            _ce_chunk_torch(hidden[s:e], weight, labels[s:e], buf[: e - s],
+                            None if wide_buf is None else wide_buf[: e - s], inv_temperature=inv_temperature,
+                            ignore_index=ignore_index, lse=lse[s:e],
+                            logprob=logprob[s:e] if logprob is not None else None,
+                            row_scale=row_scale[s:e] if write_grad else None,
+                            grad_hidden=grad_hidden[s:e] if grad_hidden is not None and write_grad else None,
+                            grad_weight=grad_weight if write_grad else None)
+            continue
         logits = torch.mm(hidden[s:e], weight.T, out=buf[: e - s])  # (C, V)
-        if on_triton:
-            block_v, num_warps = _block_v(V)
-            _ce_rows_kernel[(e - s,)](
-                logits, logits.stride(0), labels[s:e], row_scale[s:e] if write_grad else lse[s:e], lse[s:e],
-                logprob[s:e] if logprob is not None else lse[s:e], V, inv_temperature, ignore_index,
-                BLOCK_V=block_v, COMPUTE_LSE=logprob is not None, WRITE_GRAD=write_grad, num_warps=num_warps,
-            )
-        else:
-            _ce_rows_torch(logits, labels[s:e], row_scale[s:e] if write_grad else None, lse[s:e],
-                           logprob[s:e] if logprob is not None else None, inv_temperature, ignore_index)
+        block_v, num_warps = _block_v(V)
+        _ce_rows_kernel[(e - s,)](
+            logits, logits.stride(0), labels[s:e], row_scale[s:e] if write_grad else lse[s:e], lse[s:e],
+            logprob[s:e] if logprob is not None else lse[s:e], V, inv_temperature, ignore_index,
+            BLOCK_V=block_v, COMPUTE_LSE=logprob is not None, WRITE_GRAD=write_grad, num_warps=num_warps,
+        )
         if not write_grad:
             continue
         if grad_hidden is not None:
@@ -256,6 +297,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk, backend="triton", want_grad=True):
+        ctx.weight_dtype = weight.dtype
+        weight = weight.to(hidden.dtype)  # autocast: cast here, so dW comes back in the weight's own dtype
         N = hidden.shape[0]
         valid = labels != ignore_index
         count = valid.sum().float()
@@ -269,7 +312,6 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                           logprob=logprob, row_scale=row_scale if wants_grad else None,
                           grad_hidden=grad_hidden, grad_weight=grad_weight, chunk=chunk, backend=backend)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         loss = -logprob.sum()
         return loss / count if reduction == "mean" else loss
 
@@ -286,6 +328,8 @@ class FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, ignore_index, chunk, backend="triton"):
+        ctx.weight_dtype = weight.dtype
+        weight = weight.to(hidden.dtype)  # autocast: cast here, so dW comes back in the weight's own dtype
         N = hidden.shape[0]
         lse = torch.empty(N, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         logprob = torch.empty_like(lse)
@@ -308,19 +352,21 @@ class FusedLinearLogprobs(torch.autograd.Function):
                               ignore_index=ctx.ignore_index, lse=lse, row_scale=row_scale,
                               grad_hidden=grad_hidden, grad_weight=grad_weight, chunk=ctx.chunk, backend=ctx.backend)
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
-    """Raise ValueError naming the argument when shapes or dtypes do not fit [N, H], [V, H], [N]."""
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        compute_dtype: torch.dtype | None = None) -> None:
+    """Raise ValueError naming the argument when shapes or dtypes do not fit [N, H], [V, H], [N].
+    compute_dtype (autocast's): the weight may be stored in another floating dtype, cast to it inside."""
     if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
         raise ValueError(f"kernels.cross_entropy: want hidden [N, H], weight [V, H], labels [N]; got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
     if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"kernels.cross_entropy: shapes do not match: hidden {tuple(hidden.shape)}, "
                          f"weight {tuple(weight.shape)}, labels {tuple(labels.shape)}")
-    if hidden.dtype != weight.dtype:
+    if hidden.dtype != weight.dtype and not (compute_dtype == hidden.dtype and weight.is_floating_point()):
         raise ValueError(f"kernels.cross_entropy: hidden {hidden.dtype} and weight {weight.dtype} dtypes differ")
     if labels.is_floating_point():
         raise ValueError(f"kernels.cross_entropy: labels must be integers, got {labels.dtype}")

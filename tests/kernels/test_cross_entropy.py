@@ -9,7 +9,9 @@ import minirlhf.kernels as K
 from minirlhf.kernels.fused_cross_entropy import (
     chunk_size,
     fused_linear_pass,
+    linear_cross_entropy_chunked,
     linear_cross_entropy_triton,
+    linear_logprobs_chunked,
     linear_logprobs_torch,
     linear_logprobs_triton,
 )
@@ -21,6 +23,10 @@ from tests.kernels.kernel_utils import DEVICE, nan_like, needs_triton, rel_err
 # fp16 ~7e-4, bf16 ~7e-3; the bounds leave ~3-5x headroom.
 BOUNDS = {torch.float32: 2e-6, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 N, H, V, CHUNK = 37, 24, 123, 16  # 3 chunks (16, 16, 5) and, in the interpreter, 4 vocab blocks of 32
+# the Triton kernel and the torch path (_ce_chunk_torch: fused softmax / log-softmax, the row scale on h and dh)
+BACKENDS = [pytest.param("triton", marks=needs_triton), "torch"]
+CROSS_ENTROPY = {"triton": linear_cross_entropy_triton, "torch": linear_cross_entropy_chunked}
+LOGPROBS = {"triton": linear_logprobs_triton, "torch": linear_logprobs_chunked}
 
 
 def make_inputs(dtype, seed=0):
@@ -36,12 +42,12 @@ def float64_leaves(*tensors):
     return [x.detach().double().requires_grad_() for x in tensors]
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_cross_entropy_matches_float64(dtype, reduction):
+def test_cross_entropy_matches_float64(backend, dtype, reduction):
     hidden, weight, labels = make_inputs(dtype)
-    loss = linear_cross_entropy_triton(hidden, weight, labels, reduction=reduction, chunk=CHUNK)
+    loss = CROSS_ENTROPY[backend](hidden, weight, labels, reduction=reduction, chunk=CHUNK)
     h64, w64 = float64_leaves(hidden, weight)
     ref = F.cross_entropy(h64 @ w64.T, labels, reduction=reduction)
     # upstream gradient: a scalar that is not 1 (mean / sum), a different value per token (none)
@@ -58,11 +64,11 @@ def test_cross_entropy_matches_float64(dtype, reduction):
         assert (loss[labels == -100] == 0).all()
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_logprobs_with_temperature_match_float64(dtype):
+def test_logprobs_with_temperature_match_float64(backend, dtype):
     hidden, weight, labels = make_inputs(dtype, seed=1)
-    logp = linear_logprobs_triton(hidden, weight, labels, temperature=0.7, chunk=CHUNK)
+    logp = LOGPROBS[backend](hidden, weight, labels, temperature=0.7, chunk=CHUNK)
     h64, w64 = float64_leaves(hidden, weight)
     ref = torch.log_softmax((h64 @ w64.T) / 0.7, dim=-1).gather(-1, labels.clamp_min(0)[:, None])[:, 0]
     ref = ref.masked_fill(labels == -100, 0.0)
@@ -194,3 +200,22 @@ def test_training_curve_matches_torch_path():
     assert max(abs(a - b) for a, b in zip(curves["triton"], curves["torch"])) < 1e-5
     for got, want in zip(finals["triton"], finals["torch"]):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float32_weight_under_bf16_autocast(reduction):
+    """A float32 head under CPU bf16 autocast (the torch path): the weight is cast inside the autograd
+    Function, so its gradient comes back float32 (the float32 sum over chunks), and it matches float64 on the
+    bf16-rounded inputs within the bf16 bound; the loss function, not the caller, does the cast."""
+    hidden, weight, labels = (x.cpu() for x in make_inputs(torch.float32, seed=6))
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = K.linear_cross_entropy(hidden, weight, labels, reduction=reduction, backend="torch")
+    (loss * upstream.float()).sum().backward()
+    h64, w64 = float64_leaves(hidden.bfloat16(), weight.bfloat16())
+    ref = F.cross_entropy(h64 @ w64.T, labels, reduction=reduction)
+    (ref * upstream).sum().backward()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    assert rel_err(loss, ref.detach()) <= BOUNDS[torch.bfloat16]
+    assert rel_err(weight.grad, w64.grad) <= BOUNDS[torch.bfloat16]
+    assert rel_err(hidden.grad, h64.grad) <= BOUNDS[torch.bfloat16]
