@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minirlhf.commands import CommandError
-from minirlhf.commands.generate import Answer, Prompt
+from minirlhf.commands.generate import Answer, Prompt, add_compile_argument
 from minirlhf.commands.loading import add_model_arguments
 from minirlhf.commands.measures import (
     Key,
@@ -90,6 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per forward (default 16)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="B",
                    help="bootstrap resamples of the 95%% intervals (default 1000; 0 = no intervals)")
+    add_compile_argument(p)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +121,8 @@ class Side:
 class EvalSettings:
     """greedy: one greedy answer per prompt; samples: k more at sampling.temperature. resamples: bootstrap.
     progress: say on stderr what is being generated, with a progress bar. by_length: batch the prompts
-    sorted by length (faster), else in file order."""
+    sorted by length (faster), else in file order. compile: decode through torch.compile (generate
+    --compile)."""
 
     sampling: Sampling = DEFAULTS
     samples: int = 0
@@ -129,6 +131,7 @@ class EvalSettings:
     resamples: int = 1000
     progress: bool = True
     by_length: bool = True
+    compile: bool = False
 
     def kinds(self) -> list[str]:
         return (["greedy"] if self.greedy else []) + (["sampled"] if self.samples > 0 else [])
@@ -178,7 +181,8 @@ def side_answers(side: Side, prompts: Sequence[Prompt], settings: EvalSettings, 
             print(f"eval: {samples * len(prompts)} {kind} answers from {side.name}", file=sys.stderr)
         answers = {}
         for batch in generate_answers(side.model, side.tok, prompts, sampling, samples, settings.batch_size,
-                                      progress=settings.progress, by_length=settings.by_length):
+                                      progress=settings.progress, by_length=settings.by_length,
+                                      compile=settings.compile):
             answers.update(((a.index, a.sample), a) for a in batch)
     missing = [(p.index, s) for p in prompts for s in range(samples) if (p.index, s) not in answers]
     if missing:
@@ -270,7 +274,8 @@ def _settings(args: argparse.Namespace, files: Sequence[Side]) -> EvalSettings:
     from minirlhf.commands.sampling import sampling_from_args
 
     samples = args.samples if args.samples is not None else (1 if args.reference else 0)
-    settings = EvalSettings(sampling_from_args(args), samples, args.greedy, args.batch_size, args.bootstrap)
+    settings = EvalSettings(sampling_from_args(args), samples, args.greedy, args.batch_size, args.bootstrap,
+                            compile=args.compile)
     if samples < 0 or args.batch_size < 1 or args.bootstrap < 0:
         raise CommandError("--samples and --bootstrap must be >= 0, --batch-size >= 1")
     kinds = {f.file_kind for f in files}
@@ -280,9 +285,9 @@ def _settings(args: argparse.Namespace, files: Sequence[Side]) -> EvalSettings:
         a = files[0].file_arguments
         sampling = Sampling(a["temperature"], a["top_p"], a["top_k"], a["max_new_tokens"], a["seed"])
         if files[0].file_kind == "greedy":
-            return EvalSettings(replace(settings.sampling, max_new_tokens=a["max_new_tokens"]), 0, True,
-                                args.batch_size, args.bootstrap)
-        return EvalSettings(sampling, a["samples"], False, args.batch_size, args.bootstrap)
+            return replace(settings, sampling=replace(settings.sampling, max_new_tokens=a["max_new_tokens"]),
+                           samples=0, greedy=True)
+        return replace(settings, sampling=sampling, samples=a["samples"], greedy=False)
     if not settings.kinds():
         raise CommandError("--no-greedy without --samples leaves no answers to evaluate")
     return settings

@@ -1,8 +1,8 @@
 """`minirlhf eval`: bootstrap intervals against hand-derived and normal-theory values; reward-model means
 and win rates against every answer scored alone; reward-function accuracy and pass@1 (None skipped);
 perplexity and KL against float64 recomputations; answers read from a `minirlhf generate` file; the
-report's JSON and table; and the one-line errors (a vocabulary mismatch, a causal LM as reward model, an
-output file that is not a report).
+report's JSON and table; --compile's report equal to the eager one's; and the one-line errors (a
+vocabulary mismatch, a causal LM as reward model, an output file that is not a report).
 """
 
 from __future__ import annotations
@@ -260,6 +260,38 @@ def test_report_json_and_markdown_table(tiny, tmp_path, capsys):
     assert report["command"] == "minirlhf eval" and report["settings"]["bootstrap_resamples"] == 200
     assert {"name", "value", "low", "high", "n", "description"} <= set(report["metrics"][0])
     assert cli.main(args) == 0  # a report of an earlier run is replaced
+
+
+def test_compile_gives_the_eager_report(tiny, tmp_path):
+    from torch._dynamo.utils import counters
+
+    args = ["--policy", str(tiny["policy"]), "--reward-model", str(tiny["rm"]), "--prompts", str(tiny["prompts"]),
+            "--max-new-tokens", "3", "--dtype", "float32", "--bootstrap", "50"]
+    torch._dynamo.reset()
+    counters.clear()
+    eager = run_eval(tmp_path, *args)
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled = run_eval(tmp_path, *args, "--compile")
+    assert counters["stats"]["unique_graphs"] >= 1  # the flag reached model.generate
+    assert compiled == eager  # greedy float32 answers, so the same scores
+
+
+def test_compile_reaches_a_baseline_model_beside_an_answer_file(tiny, tmp_path, monkeypatch):
+    # the answer file's settings replace the flags' decoding settings, --compile stays
+    answers = tmp_path / "policy_answers.jsonl"
+    assert cli.main(["generate", "--model", str(tiny["policy"]), "--prompts", str(tiny["prompts"]), "--out",
+                     str(answers), "--max-new-tokens", "2"]) == 0
+    calls = []
+    eager_generate = Transformer.generate
+
+    def recording_generate(self, *args, **kwargs):
+        calls.append(kwargs["compile"])
+        return eager_generate(self, *args, **{**kwargs, "compile": False})
+
+    monkeypatch.setattr(Transformer, "generate", recording_generate)
+    run_eval(tmp_path, "--policy", str(answers), "--baseline", str(tiny["baseline"]), "--reward-model",
+             str(tiny["rm"]), "--compile")
+    assert calls and all(calls)
 
 
 def test_the_demo_judge_is_a_reward_function():

@@ -1,7 +1,8 @@
 """`minirlhf generate`: answers of the real SmolLM2 equal transformers' greedy answers token for token
 (batched and left padded on both sides); on tiny models, resuming skips finished rows and refuses files
 it did not write, batches go longest prompt first, --samples draws N answers per prompt, finish_reason
-tells a stop from a cut, and bad input is a one-line error naming file:line.
+tells a stop from a cut, --compile writes the eager run's greedy answers (and resumes either way), and bad
+input is a one-line error naming file:line.
 """
 
 from __future__ import annotations
@@ -116,6 +117,28 @@ def test_samples_per_prompt_are_seeded(tiny):
     assert a == b  # same seed, same answers
     assert [r["answer"] for r in a] != [r["answer"] for r in c]
     assert len({r["answer"] for r in a if r["prompt_index"] == 0}) > 1  # three different samples
+
+
+def test_compile_writes_the_eager_answers_and_resumes_either_way(tiny):
+    from torch._dynamo.utils import counters
+
+    def args(out: Path) -> list[str]:
+        # batches of 5 then 4 prompts of another length: the first compile, then the symbolic one
+        return ["--model", str(tiny["model"]), "--prompts", str(tiny["prompts"]), "--out", str(out),
+                "--max-new-tokens", "4", "--batch-size", "5", "--dtype", "float32"]
+
+    eager, compiled = tiny["dir"] / "eager.jsonl", tiny["dir"] / "compiled.jsonl"
+    torch._dynamo.reset()
+    counters.clear()
+    assert generate(*args(eager)) == 0
+    assert counters["stats"]["unique_graphs"] == 0
+    assert generate(*args(compiled), "--compile") == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # the flag reached model.generate
+    assert read(compiled) == read(eager)  # greedy, float32: the same tokens
+    # --compile is not among the recorded arguments: a run begun with it completes without it
+    compiled.write_text("".join(json.dumps(r) + "\n" for r in read(compiled)[:3]))
+    assert generate(*args(compiled)) == 0
+    assert read(compiled) == read(eager)
 
 
 def test_bad_prompts_and_arguments_are_one_line_errors(tiny, capsys):
