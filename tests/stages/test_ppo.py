@@ -92,7 +92,11 @@ def test_rollout_shapes_and_masks(tiny, tmp_path):
     rollout = first_rollout(stage, Trainer(cfg, stage, "cpu"))
     B, P, N = 4 * 2, rollout.prompt_len, rollout.response_mask.shape[1]
     assert rollout.input_ids.shape == rollout.attention_mask.shape == (B, P + N)
-    assert 1 <= N <= 6
+    # an answer without a stop token is cut at max_new_tokens = 6, and the answer columns are as wide as the
+    # longest answer (no column of padding alone); this untrained policy stops no answer early: all are 6 long
+    lengths = rollout.response_mask.sum(-1)
+    assert (lengths[~rollout.has_stop] == 6).all() and (lengths <= 6).all() and N == int(lengths.max())
+    assert not rollout.has_stop.all()  # the cut at 6 is exercised
     for name in ("logprobs", "ref_logprobs", "values", "entropy", "rewards", "advantages", "returns"):
         assert getattr(rollout, name).shape == (B, N), name
     assert rollout.scores.shape == rollout.raw_scores.shape == rollout.has_stop.shape == (B,)
@@ -105,7 +109,6 @@ def test_rollout_shapes_and_masks(tiny, tmp_path):
     assert torch.equal(rollout.input_ids[0::2, :P], rollout.input_ids[1::2, :P])
     # after the stop token only pad tokens; has_stop says whether the last answer token is a stop token
     stops = torch.tensor(tiny["tok"].stop_ids)
-    lengths = mask.sum(-1)
     for b in range(B):
         answer = rollout.input_ids[b, P:]
         assert (answer[lengths[b]:] == tiny["tok"].pad_id).all()
