@@ -161,12 +161,21 @@ def test_corruptions_score_below_zero() -> None:
         task.sample_corruption(rng, PROMPT, "shout")
 
 
-def test_reward_bounded_on_random_text() -> None:
+def test_junk_scores_the_floor_and_junk_tokens_cancel_the_praise() -> None:
     rng = random.Random(2)
+    # random characters never spell the topic (penalty 0.5) and are mostly junk tokens (unknown share >= 0.5),
+    # cut into short fragments: P >= 1 and r = clip(min(S, 0) - P) = -1, whatever praise words they hold
     alphabet = "abcdefgh .!?,0123456789" + "".join(task.POSITIVE_ADJECTIVES[:3])
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
-        assert -1.0 <= gold_reward(PROMPT, text) <= 1.0
+        assert gold_reward(PROMPT, text) == -1.0, text
+    # a clean positive answer of n words with k junk tokens ("#") after its first word: the only penalty is the
+    # unknown share k / (n + k), and with a penalty the praise stops counting (min(S, 0) = 0): r = -k / (n + k)
+    for _ in range(100):
+        first, rest = task.sample_response(rng, "coffee", "positive").split(" ", 1)
+        n, k = 1 + len(re.findall(r"[a-z]+", rest.lower())), rng.randint(1, 3)
+        junky = " ".join([first, *["#"] * k, rest])
+        assert gold_reward(PROMPT, junky) == pytest.approx(-k / (n + k), abs=1e-12), junky
 
 
 def test_documents_are_longer_than_answers() -> None:

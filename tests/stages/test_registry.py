@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ import pytest
 from minirlhf import stages
 from minirlhf.commands import train
 from minirlhf.config import default_toml, load_config
+from minirlhf.model import Transformer
 from minirlhf.toml_fields import ConfigError
-from tests.tiny import tiny_model_dir
+from tests.tiny import logps64, tiny_model_dir
 
 PACKAGE = Path(stages.__file__).parent
 SHARED = {"minirlhf.stages", "minirlhf.stages.common", "minirlhf.stages.rollout"}  # what stages may import
@@ -63,7 +65,14 @@ def test_a_stage_is_one_file_and_one_registry_line(toy, tiny_tok, tmp_path, caps
     # the command line, the config schema, the data format and the trainer all know the stage now
     assert train.main(["--stage", "toy", "--config", str(config), "--device", "cpu"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2]
+    # step 1's logged loss is coef (0.5, from [toy]) times the starting model's cross-entropy on the first batch,
+    # recomputed here in float64 from its logits (a fresh tiny model: near 0.5 * ln 300 = 2.85)
+    batch = next(stages.spec("toy").build(load_config(config, [])).batches)
+    logps, counts = logps64(Transformer.from_pretrained(model), batch["input_ids"], batch["attention_mask"],
+                            batch["labels"])
+    expected = 0.5 * float(-logps.sum() / counts.sum())
+    assert rows[0]["loss"] == pytest.approx(expected, rel=1e-5) and abs(expected - 0.5 * math.log(300)) < 0.25
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert "[toy]\n# factor of the language-model loss\ncoef = 1.0" in default_toml("toy")
     with pytest.raises(ConfigError, match=r"\[toy\] unknown key 'cof' \(did you mean 'coef'\?\)"):

@@ -74,12 +74,18 @@ def test_loss_equals_losses_py_on_float64_scores(tiny, kind):
 
 
 def test_steps_raise_accuracy_above_chance(tiny):
-    stage, trainer = make_stage(tiny, "learn", "train.lr=3e-3")
+    # 16 training pairs, one per topic: the held-out pairs (other topic-word combinations) then test the
+    # sentiment word, not topics never seen (with the fixture's 8 pairs, topics 0-7 only, a held-out pair stayed
+    # wrong at model seed 2 and the margin gain fell to +0.89 at seed 4)
+    train = write_jsonl(tiny["dir"] / "learn.jsonl", preference_rows(16))
+    stage, trainer = tiny_stage("rm", tiny, "learn", "train.lr=3e-3", train_file=train)
     before = stage.evaluate(trainer)
     for _ in range(15):
         stage.train_step(trainer)
     after = stage.evaluate(trainer)
-    assert after["accuracy"] == 1.0 and after["margin"] > before["margin"] + 1.0, (before, after)
+    # measured over model init seeds 0-9 (train.seed 42-51) x threads 1, 2: accuracy 1.0 in every run, each run's
+    # smallest held-out pair margin +1.42..+6.04, mean margin gain +4.57..+8.56 (bound 2.0)
+    assert after["accuracy"] == 1.0 and after["margin"] > before["margin"] + 2.0, (before, after)
 
 
 @pytest.mark.parametrize("lora", [False, True])
