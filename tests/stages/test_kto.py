@@ -297,10 +297,11 @@ def demo_kto(demo: dict[str, Path], out: Path, seed: int, threads: int, *sets: s
 def test_demo_kto_stays_near_the_sft_policy(tmp_path):
     # Regression: with beta = 0.1 and lr 1e-4 the demo's kto pushed the end-of-turn token after a second
     # sentence from p = 0.999 to 0.01-0.12 and then rambled: KL from sft 10.5, 5.0, 2.6 from the demo's sft (seeds
-    # 0-2; threads 2 gave the same losses to 1e-6), and 2.8, 29.3, 12.7 from the short sft built here. The demo
-    # config now (beta 1, lr 5e-5, balanced batches), from this short sft: KL 0.15, 0.24, 0.20 (seeds 0-2,
-    # threads 1; threads 2 gave the same, e.g. 0.235 for seed 1). The bound 1.0 is 4x the largest of those and
-    # below every old value.
+    # 0-2; threads 2 gave the same losses to 1e-6), and 2.8, 29.3, 12.7 from the short sft built here. At beta 1
+    # and lr 5e-5 it mostly ended at 0.15-0.42 here, but once at 1.57 in CI when only the optimizer's last bits
+    # changed: right after the lr peak the KL drifts up and back (seed 2: 1.87 at step 45; docs/kto.md). The demo
+    # config now (beta 1, lr 3e-5, balanced batches), from this short sft: KL 0.230, 0.201, 0.335 (seeds 0-2,
+    # threads 1 and 2 alike to 1e-4). The bound 1.0 is 3x the largest of those and below every old value.
     demo = demo_sft(tmp_path)
     for seed in (0, 1):
         report = demo_kto(demo, tmp_path / f"kto-{seed}", seed, threads=1)
