@@ -172,9 +172,10 @@ def compiled_step(model: Transformer):
     the casts); the matmuls themselves stay the prepacked oneDNN ones on a CPU (`prepacked_linear`).
 
     The first call compiles for its shapes (tens of seconds on a CPU: benchmarks/generate.py --ours compile
-    reports it), later calls of the same batch size and cache length reuse it, and the first call with
-    another one compiles once more with those sizes symbolic (torch.compile's automatic dynamic shapes), a
-    graph that then serves every size."""
+    reports it) and later calls of the same batch size and cache length reuse it. The first call with
+    another cache length compiles once more with the length symbolic (torch.compile's automatic dynamic
+    shapes), and so does the first one with another batch size; a batch of one is always compiled apart.
+    A run whose lengths and batch sizes vary so compiles up to four graphs, then reuses them."""
     mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else None
     step = torch.compile(model.decode_step, mode=mode)
 
