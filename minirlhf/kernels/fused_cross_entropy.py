@@ -170,11 +170,24 @@ def _ce_chunk_torch(
         torch.mm(probs, weight, out=grad_hidden).mul_(scale * inv_temperature)
     if grad_weight is not None:
         scaled_rows = (hidden.to(wide) * scale).to(hidden.dtype)  # (C, H): c_n h_n / tau
-        if grad_weight.dtype == probs.dtype:  # one rounding a chunk; the matmul itself sums in fp32
-            grad_weight.addmm_(probs.T, scaled_rows)
-        else:  # bf16 products added into the float32 sum, 8192 vocabulary rows at a time: no [V, H] temporaries
-            for v in range(0, probs.shape[1], 8192):
-                grad_weight[v:v + 8192] += torch.mm(probs[:, v:v + 8192].T, scaled_rows)
+        _add_grad_weight(grad_weight, probs, scaled_rows, vocab_slice=8192)  # no [V, H] temporaries on a CPU
+
+
+def _add_grad_weight(grad_weight: torch.Tensor, grad_logits: torch.Tensor, rows: torch.Tensor,
+                     vocab_slice: int | None = None) -> None:
+    """grad_weight [V, H] += grad_logits^T rows, for one chunk: grad_logits [C, V], rows [C, H].
+
+    In grad_weight's dtype: when it is wider than the chunk (a float32 sum of bf16 chunks, see
+    `_grad_weight_buffer`) each chunk's product is rounded once and added, `vocab_slice` vocabulary rows
+    at a time if given (so that no [V, H] product and float32 copy of it exist at once); otherwise the
+    matmul adds straight into it.
+    """
+    if grad_weight.dtype == grad_logits.dtype:  # one rounding a chunk; the matmul itself sums in fp32
+        grad_weight.addmm_(grad_logits.T, rows)
+        return
+    step = vocab_slice or grad_logits.shape[1]
+    for v in range(0, grad_logits.shape[1], step):
+        grad_weight[v:v + step] += torch.mm(grad_logits[:, v:v + step].T, rows).to(grad_weight.dtype)
 
 
 def _interpreting() -> bool:
@@ -243,13 +256,13 @@ def fused_linear_pass(
     N, H = hidden.shape
     V = weight.shape[0]
     on_triton = backend == "triton"
-    # the torch path's float32 log-softmax of a low-precision chunk
-    wide = not on_triton and logprob is not None and hidden.dtype in (torch.float16, torch.bfloat16)
+    # the torch path takes a low-precision chunk's log-softmax in a float32 scratch chunk
+    float32_scratch = not on_triton and logprob is not None and hidden.dtype in (torch.float16, torch.bfloat16)
     C = chunk or (chunk_size(N, H, V) if on_triton else
-                  cpu_chunk_size(N, V, hidden.element_size() + 4 * wide, TORCH_CHUNK_BYTES))
+                  cpu_chunk_size(N, V, hidden.element_size() + 4 * float32_scratch, TORCH_CHUNK_BYTES))
     write_grad = row_scale is not None
     buf = torch.empty(min(C, N), V, dtype=hidden.dtype, device=hidden.device)
-    wide_buf = torch.empty(min(C, N), V, dtype=torch.float32, device=hidden.device) if wide else None
+    wide_buf = torch.empty(min(C, N), V, dtype=torch.float32, device=hidden.device) if float32_scratch else None
     for s in range(0, N, C):
         e = min(s + C, N)
         if not on_triton:
@@ -272,12 +285,8 @@ def fused_linear_pass(
             continue
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[s:e])
-        if grad_weight is None:
-            continue
-        if grad_weight.dtype == logits.dtype:  # one rounding a chunk; the matmul itself sums in fp32
-            grad_weight.addmm_(logits.T, hidden[s:e])
-        else:
-            grad_weight += torch.mm(logits.T, hidden[s:e]).to(grad_weight.dtype)
+        if grad_weight is not None:
+            _add_grad_weight(grad_weight, logits, hidden[s:e])
 
 
 def _grad_weight_buffer(weight: torch.Tensor) -> torch.Tensor:
