@@ -81,7 +81,7 @@ class FrozenLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed and torch.compiler.is_compiling():
             return prepacked_linear(x, self.weight, self.bias, self.out_features)
-        if self.packed:  # eager: the op itself, without the custom op's dispatch
+        if self.packed:  # eager: the op itself; the custom op's dispatch adds ~12 us a call (1.5 ms a SmolLM2 step)
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

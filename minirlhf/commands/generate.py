@@ -70,7 +70,7 @@ def add_compile_argument(p: argparse.ArgumentParser) -> None:
                    help="decode through torch.compile (minirlhf.generation.compiled_step): the first batch "
                         "compiles (tens of seconds on a CPU; each model its own), and the first batch of a new "
                         "prompt length, of a new batch size and of size 1 may each compile once more; later "
-                        "batches reuse those, ~10-20%% faster a step than the default on SmolLM2-135M, so it "
+                        "batches reuse those, 3-13%% faster a step than the default on SmolLM2-135M, so it "
                         "pays off for long runs only (default off)")
 
 
