@@ -93,6 +93,17 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.clamp(min=0)
 
 
+def pads_only_at_the_end(attention_mask: torch.Tensor) -> bool:
+    """True when no row has a pad before a real token (no padding, or right padding).
+
+    Then plain causal attention is exact for every real token: the keys before it are all real. Only the
+    pads' own outputs change (they see the real tokens too), and nothing reads them. Plain causal attention
+    takes the kernels' fast path, without a [B, 1, T, T] mask (SDPA's CPU flash kernel: ~8 ms of 84 a layer
+    forward and backward at B = 4, T = 512, SmolLM2-135M's heads). attention_mask: [B, T] (1 real, 0 pad).
+    """
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
     """Position of each token counted from the start of its packed document.
 
@@ -374,7 +385,8 @@ class Transformer(nn.Module):
                 document_ids = torch.where(attention_mask.bool(), document_ids, -1)
         elif attention_mask is not None and not bool(attention_mask.all()):
             positions = positions_from_mask(attention_mask)
-            document_ids = attention_mask.long()
+            # right padding needs no mask: causal attention alone is exact for every real token
+            document_ids = None if pads_only_at_the_end(attention_mask) else attention_mask.long()
         else:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return self._decode(input_ids, positions, document_ids)

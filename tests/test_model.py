@@ -9,8 +9,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from minirlhf import kernels  # noqa: E402
 from minirlhf.hf_checkpoint import CheckpointError  # noqa: E402
-from minirlhf.model import ModelConfig, Transformer, positions_from_documents  # noqa: E402
+from minirlhf.model import ModelConfig, Transformer, pads_only_at_the_end, positions_from_documents  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 97
@@ -95,6 +96,33 @@ def test_left_padding_equals_row_alone(pair):
         padded = ours(ids, attention_mask=mask)[1, 3:]
         alone = ours(ids[1:, 3:])[0]
     torch.testing.assert_close(padded, alone, atol=TOL, rtol=TOL)
+
+
+def test_right_padding_runs_plain_causal_attention_and_equals_row_alone(pair, monkeypatch):
+    """Right padding needs no mask (every key before a real token is real): the attention gets no document
+    ids, and the real tokens' logits equal the row alone and transformers' with its padding mask."""
+    kind, hf, ours, _ = pair
+    ids, _ = batch()
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    seen = []
+    attention = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a, **kw: seen.append(kw["document_ids"]) or attention(*a, **kw))
+    with torch.no_grad():
+        padded = ours(ids, attention_mask=mask)
+        alone = ours(ids[1:, :8])[0]
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+    assert seen and all(d is None for d in seen)
+    torch.testing.assert_close(padded[1, :8], alone, atol=TOL, rtol=TOL)
+    if kind != "llama_dynamic_rope":  # HF scales its frequencies by the batch's longest row (see above)
+        torch.testing.assert_close(padded[mask.bool()], expected[mask.bool()], atol=TOL, rtol=TOL)
+
+
+def test_pads_only_at_the_end():
+    assert pads_only_at_the_end(torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    assert pads_only_at_the_end(torch.tensor([[True, False], [False, False]]))
+    assert not pads_only_at_the_end(torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))  # left padding
+    assert not pads_only_at_the_end(torch.tensor([[1, 0, 1, 0]]))  # a pad between real tokens
 
 
 def test_packed_documents_equal_each_document_alone(pair):
