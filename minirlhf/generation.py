@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf.inference_weights import inference_weights, worth_fusing
-from minirlhf.model import Transformer, positions_from_mask
+from minirlhf.model import Transformer, positions_from_mask, rope_is_dynamic
 
 
 @dataclass
@@ -160,7 +160,7 @@ def prefill_mask(prompt_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) 
 def step_mask(prompt_mask: torch.Tensor, cache_len: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask of a one-token step before any new token is written: [B, P] -> [B, 1, 1, cache_len],
     0 on real prompt slots, -inf on pads and unwritten slots. The loop opens one slot a step in place,
-    so the mask is never rebuilt."""
+    so the mask is never rebuilt, and hands each step the view of the slots written so far."""
     key_is_real = F.pad(prompt_mask, (0, cache_len - prompt_mask.shape[1]))  # (B, S)
     mask = torch.zeros(key_is_real.shape, dtype=dtype, device=prompt_mask.device)
     return mask.masked_fill_(~key_is_real, float("-inf"))[:, None, None, :]
@@ -171,21 +171,45 @@ def compiled_step(model: Transformer):
     GPU. Inductor fuses the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, the residual adds,
     the casts); the matmuls themselves stay the prepacked oneDNN ones on a CPU (`prepacked_linear`).
 
-    The first call compiles for its shapes (tens of seconds on a CPU: benchmarks/generate.py --ours compile
-    reports it) and later calls of the same batch size and cache length reuse it. The first call with
-    another cache length compiles once more with the length symbolic (torch.compile's automatic dynamic
-    shapes), and so does the first one with another batch size; a batch of one is always compiled apart.
-    A run whose lengths and batch sizes vary so compiles up to four graphs, then reuses them."""
+    The attended length (the mask's last dimension: the slots written so far) grows by one every step, so
+    it is marked dynamic and compiled symbolically from the first call. The first call compiles (tens of
+    seconds on a CPU: benchmarks/generate.py --ours compile reports it) and later calls of the same batch
+    size and cache length reuse it. The first call with another cache length compiles once more with that
+    length symbolic too (torch.compile's automatic dynamic shapes), and so does the first one with another
+    batch size; a batch of one is always compiled apart. A run whose lengths and batch sizes vary so
+    compiles up to four graphs, then reuses them."""
     mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else None
     step = torch.compile(model.decode_step, mode=mode)
 
-    def run(*args: torch.Tensor) -> torch.Tensor:
+    def run(input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
+            ) -> torch.Tensor:
+        torch._dynamo.maybe_mark_dynamic(mask, 3)  # else the first two steps would compile a graph each
         # the KV cache is module buffers, whose sizes dynamo otherwise keeps static: every cache length
         # would compile anew instead of once symbolically
         with torch._dynamo.config.patch(force_parameter_static_shapes=False):
-            return step(*args)
+            return step(input_ids, positions, slots, mask)
 
     return run
+
+
+def prefill(model: Transformer, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Run left-padded prompts input_ids [B, P] (prompt_mask [B, P], True = real) into the model's KV cache;
+    return the hidden state of each row's last token [B, C].
+
+    The pads are left out of every token-wise product (the projections, the MLP: most of the work; a
+    fifth of the tokens of a rollout batch of chat prompts): the real tokens run packed in one row and
+    meet the padded layout only inside the attention (`Attention.attend_cache`). Not with a dynamic
+    RoPE scaling, whose frequencies depend on each row's length.
+    """
+    B, P = input_ids.shape
+    positions = positions_from_mask(prompt_mask)
+    mask = prefill_mask(prompt_mask, P, model.embed_tokens.weight.dtype)  # (B, 1, P, P)
+    if bool(prompt_mask.all()) or rope_is_dynamic(model.config):
+        return model.decode_step(input_ids, positions, torch.arange(P, device=input_ids.device), mask)[:, -1]
+    rows, cols = prompt_mask.nonzero().T  # (N,) each: row by row, each row's tokens in order
+    hidden = model.decode_step(input_ids[rows, cols][None], positions[rows, cols][None], torch.stack([rows, cols]),
+                               mask)  # (1, N, C)
+    return hidden[0, prompt_mask.sum(-1).cumsum(0) - 1]  # left padded: a row's last token is its last real one
 
 
 @torch.no_grad()
@@ -239,13 +263,12 @@ def generate(
         prepack = not torch.is_autocast_enabled(device.type)
         # the prefill runs on the modules' own weights: its [B * P, H] products gain nothing from weights
         # packed for B rows (measured slower: 2.7 against 2.1 s for 32 x 46 tokens of SmolLM2, fp32)
-        hidden = model.decode_step(input_ids, positions_from_mask(prompt_mask),
-                                   torch.arange(P, device=device), prefill_mask(prompt_mask, S, dtype))
+        last = prefill(model, input_ids, prompt_mask)  # (B, C)
         with inference_weights(model, B, prepack) if fused_weights else nullcontext() as frozen_head:
             head = frozen_head or model.lm_head
             step = compiled_step(model) if compile else model.decode_step
-            logits = head(hidden[:, -1])  # (B, V): the LM head on the last position only
-            mask = step_mask(prompt_mask, S, dtype)  # (B, 1, 1, S)
+            logits = head(last)  # (B, V): the LM head on the last position only
+            mask = step_mask(prompt_mask, S, dtype)  # (B, 1, 1, S); step i attends the first P + i + 1 slots
             slot = torch.full((1,), P, dtype=torch.long, device=device)
             next_pos = prompt_mask.sum(-1, keepdim=True)  # (B, 1)
             finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -262,7 +285,7 @@ def generate(
                 if i == max_new_tokens - 1 or (i % 4 == 3 and bool(finished.all())):
                     break
                 mask.index_fill_(-1, slot, 0.0)  # the new token's slot becomes visible
-                hidden = step(tokens[:, i: i + 1], next_pos, slot, mask)
+                hidden = step(tokens[:, i: i + 1], next_pos, slot, mask[..., : P + i + 1])
                 logits = head(hidden[:, -1])
                 next_pos += 1
                 slot += 1

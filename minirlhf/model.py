@@ -226,13 +226,20 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, t, d] at the cache slots `slots` [t]; return the whole cache, whose
-        unwritten slots the attention mask hides (fixed shapes, no slicing to the current length).
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, t, d] at the cache slots `slots` [t], or packed tokens k, v [1, Hkv, N, d] at
+        slots [2, N] (each token's row and slot); return the first `length` slots of the cache
+        [B, Hkv, length, d] (views, no copy), whose unwritten slots the attention mask hides.
         k, v come in the compute dtype (bf16 under autocast) and are stored in the cache's (the weights')."""
-        self.k.index_copy_(2, slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.to(self.v.dtype))
-        return self.k, self.v
+        if slots.dim() == 1:
+            self.k.index_copy_(2, slots, k.to(self.k.dtype))
+            self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        else:
+            rows, cols = slots
+            self.k[rows, :, cols] = k[0].transpose(0, 1).to(self.k.dtype)  # (N, Hkv, d)
+            self.v[rows, :, cols] = v[0].transpose(0, 1).to(self.v.dtype)
+        return self.k[:, :, :length], self.v[:, :, :length]
 
 
 class Attention(nn.Module):
@@ -259,8 +266,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope | None, document_ids: torch.Tensor | None,
                 cache_slots: torch.Tensor | None, cache_mask: torch.Tensor | None, backend: str) -> torch.Tensor:
         """x: [B, T, C] -> [B, T, C]. rope: (cos, sin) of the positions, None for gpt2; document_ids: [B, T]
-        or None; with a KV cache, the new keys and values go to cache_slots [T], cache_mask [B, 1, T, S] hiding
-        what a query must not see."""
+        or None; with a KV cache, see `attend_cache` for cache_slots and cache_mask."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
@@ -271,10 +277,28 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             y = kernels.attention(q, k, v, document_ids=document_ids, backend=backend)
         else:
-            k, v = self.kv_cache.update(cache_slots, k, v)  # (B, Hkv, S_max, d)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=True)
+            y = self.attend_cache(q, k, v, cache_slots, cache_mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*d)
         return (self.frozen_o or self.o_proj)(y)
+
+    def attend_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+        """Write the new keys and values to the KV cache and attend over its first S slots.
+
+        q: [B, H, t, d], k, v: [B, Hkv, t, d] of t new tokens a row, written at slots [t]; mask: [B, 1, t, S]
+        additive, hiding what a query must not see. Returns [B, H, t, d].
+        Or packed, for a prompt pass from slot 0 that skips the pads: q: [1, H, N, d], k, v: [1, Hkv, N, d]
+        for the N real tokens, slots: [2, N] each one's row and slot (slot = its query's row in the
+        mask), mask: [rows, 1, P, S]. Returns [1, H, N, d].
+        """
+        k, v = self.kv_cache.update(slots, k, v, mask.shape[-1])  # (B or rows, Hkv, S, d)
+        if slots.dim() == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        rows, cols = slots
+        padded = q.new_zeros(mask.shape[0], mask.shape[2], self.n_heads, self.head_dim)  # (rows, P, H, d)
+        padded[rows, cols] = q[0].transpose(0, 1)
+        y = F.scaled_dot_product_attention(padded.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+        return y.transpose(1, 2)[rows, cols].transpose(0, 1)[None]  # (1, H, N, d)
 
 
 class MLP(nn.Module):
@@ -459,10 +483,13 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Run t new tokens through the KV cache and return their hidden states [B, t, hidden_size].
 
-        input_ids, positions: [B, t]; slots: [t] long, the cache slots the new keys and values go to;
-        mask: [B, 1, t, S_max] additive (0 where a query may attend a slot, -inf elsewhere, unwritten
-        slots included), in the cache's dtype; minirlhf/generation.py builds it. Tensors only, of fixed
-        shapes while a generation lasts, so a compiled step is traced once.
+        input_ids, positions: [B, t]; slots: [t] long, the cache slots the new keys and values go to (or a
+        prompt pass packed without its pads: input_ids, positions [1, N], slots [2, N], see
+        `Attention.attend_cache`);
+        mask: [B, 1, t, S] additive over the first S <= S_max cache slots (0 where a query may attend a
+        slot, -inf elsewhere, unwritten slots included), in the cache's dtype: the attention reads those S
+        slots only, so a step costs what the filled part of the cache does; minirlhf/generation.py builds
+        it. Tensors only, so a compiled step is traced once with S symbolic (`generation.compiled_step`).
         """
         return self._decode(input_ids, positions, cache_slots=slots, cache_mask=mask,
                             inv_freq=self.kv_cache_inv_freq)

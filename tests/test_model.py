@@ -356,12 +356,80 @@ def test_generation_mask_is_opened_in_place():
     assert torch.equal(pre[0, 0, 0] == 0, torch.tensor([True, False, False, False, False]))
 
 
+@pytest.mark.parametrize("kind", ["llama_gqa", "gpt2"])
+def test_packed_prefill_equals_the_full_forward(kind, tmp_path):
+    """generation.prefill runs only the real tokens of left-padded prompts (packed in one row) through the
+    projections and the MLP: each row's last hidden state equals the cache-free forward's, and the cache
+    holds what the padded prompt pass writes on every real slot."""
+    from minirlhf.generation import prefill, prefill_mask
+
+    hf_model(kind).save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    ids, mask = batch()
+    ids, mask = torch.cat([ids, ids.flip(0)]), torch.cat([mask, mask.flip(0)])  # pads in rows 1 and 2
+    real = mask.bool()
+    B, P = ids.shape
+    with torch.no_grad():
+        expected = ours.hidden_states(ids, attention_mask=mask)[:, -1]
+        ours.setup_kv_cache(B, P + 4)
+        ours.decode_step(ids, (mask.cumsum(-1) - 1).clamp(min=0), torch.arange(P), prefill_mask(real, P, torch.float32))
+        padded_cache = [(a.kv_cache.k.clone(), a.kv_cache.v.clone()) for a in (m.self_attn for m in ours.layers)]
+        ours.setup_kv_cache(B, P + 4)
+        got = prefill(ours, ids, real)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for layer, (k, v) in zip(ours.layers, padded_cache):
+        cache = layer.self_attn.kv_cache
+        torch.testing.assert_close(cache.k[:, :, :P].transpose(1, 2)[real], k[:, :, :P].transpose(1, 2)[real])
+        torch.testing.assert_close(cache.v[:, :, :P].transpose(1, 2)[real], v[:, :, :P].transpose(1, 2)[real])
+    ours.clear_kv_cache()
+
+
+def test_cache_attention_reads_only_the_slots_its_mask_covers():
+    """A cache pass attends over the first S cache slots, S the mask's length (the slots written so far):
+    on a cache whose every slot starts as NaN, the prompt pass and a step with masks over the written slots
+    stay finite and equal what masks over the whole preallocated (clean) cache give, and the cache-free
+    forward on the prompt; with a whole-cache mask the NaN slots would be read."""
+    from minirlhf.generation import prefill_mask, step_mask
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = Transformer(config).eval()
+    ids, mask = batch()
+    ids, real = ids % 61, mask.bool()
+    (B, P), S = ids.shape, 16
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step_ids, step_pos, slot = torch.tensor([[5], [7]]), positions[:, -1:] + 1, torch.tensor([P])
+
+    def passes(poisoned: bool, length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt pass and one step, with masks over `length` slots (None: the whole cache)."""
+        model.setup_kv_cache(B, S)
+        for layer in model.layers:
+            layer.self_attn.kv_cache.k.fill_(float("nan") if poisoned else 0.0)
+            layer.self_attn.kv_cache.v.fill_(float("nan") if poisoned else 0.0)
+        with torch.no_grad():
+            first = model.decode_step(ids, positions, torch.arange(P), prefill_mask(real, length or S, torch.float32))
+            step = step_mask(real, S, torch.float32)
+            step[..., P] = 0.0  # the step's own slot
+            second = model.decode_step(step_ids, step_pos, slot, step[..., : P + 1] if length else step)
+        model.clear_kv_cache()
+        return first, second
+
+    sliced, whole = passes(poisoned=True, length=P), passes(poisoned=False, length=None)
+    assert sliced[0].isfinite().all() and sliced[1].isfinite().all()
+    torch.testing.assert_close(sliced[0][real], whole[0][real], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sliced[1], whole[1], atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced[0][real], model.hidden_states(ids, mask)[real], atol=1e-5, rtol=1e-5)
+    assert not passes(poisoned=True, length=None)[1].isfinite().all()  # the poison is seen when read
+
+
 @pytest.mark.slow
 def test_compiled_step_generates_the_same_tokens(tmp_path):
     """generate(compile=True) runs each step through torch.compile, its matmuls on the prepacked weights
-    (oneDNN's op, which inductor would not take, wrapped as `prepacked_linear`): same tokens as eager. Calls
-    of the same shapes reuse the compiled step; another cache length compiles once more, symbolically, and
-    a third one reuses that."""
+    (oneDNN's op, which inductor would not take, wrapped as `prepacked_linear`): same tokens as eager. All
+    the steps of a call share one graph; calls of the same shapes reuse it; another cache length compiles
+    once more, symbolically, and a third one reuses that."""
     from torch._dynamo.utils import counters
 
     hf = hf_model("llama_gqa")
@@ -379,7 +447,7 @@ def test_compiled_step_generates_the_same_tokens(tmp_path):
     # float32 from batch 2 is prepacked (inference_weights._mkldnn_packs); the compiled step calls the wrapper
     assert "minirlhf::prepacked_linear" in {event.key for event in profile.key_averages()}
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 1
+    assert graphs == 1  # every step attends one slot more: the length is symbolic from the first step on
     ours.generate(ids, mask, compile=True, **kw)
     assert counters["stats"]["unique_graphs"] == graphs  # new fused weights, same shapes: nothing compiled
     longer = ours.generate(ids, mask, compile=True, **{**kw, "max_new_tokens": 6})
