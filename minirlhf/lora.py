@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from minirlhf import kernels
 from minirlhf.errors import UserError
 from minirlhf.model import Transformer
 
@@ -99,10 +100,26 @@ class LoRALinear(nn.Linear):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., out].
+
+        Under autocast x is cast to the autocast dtype here, once for both branches: autocast itself would
+        cast it for the base matmul and again for lora_A (it caches the casts of weights, not of inputs),
+        and in eager mode that second [..., in] cast is a visible share of a LoRA block's time. The
+        roundings are the ones autocast makes, so the numbers are PEFT's bit for bit (tests/test_lora.py).
+        """
+        fresh = x
+        compute = kernels._autocast_dtype(x.device.type)
+        if compute is not None and x.dtype != torch.float64:  # autocast leaves float64 alone
+            x = x.to(compute)
         y = nn.functional.linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return y
-        h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        if self.training and self.dropout_p > 0:
+            h = self.lora_dropout(fresh)  # the mask and 1/(1-p) on the input as it came, as without the cast
+        else:
+            h = x
+        if compute is None:
+            h = h.to(self.lora_A.weight.dtype)  # a bf16/fp16 base: the float32 adapter computes in float32
         return y + (self.lora_B(self.lora_A(h)) * self.scaling).to(y.dtype)
 
     @torch.no_grad()

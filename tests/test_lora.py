@@ -385,3 +385,57 @@ def test_pickled_or_damaged_adapter_files_are_refused_in_one_line(tmp_path, llam
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="adapter_model.safetensors: not a readable safetensors file"):
         load_adapter(Transformer.from_pretrained(llama_dir), tmp_path / "a")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_autocast_forward_and_grads_equal_peft_bit_for_bit(dropout):
+    # LoRALinear casts x to bf16 once for both branches; PEFT lets autocast cast it for each matmul. The
+    # roundings are the same (and the dropout mask is drawn on the float32 input in both), so output and
+    # gradients must agree exactly, not just to a tolerance.
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40)
+    ours = LoRALinear(base, r=8, alpha=16.0, dropout=dropout).train()
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout)
+    theirs = PeftLinear(torch.nn.Linear(48, 40), "default", config, r=8, lora_alpha=16, lora_dropout=dropout).train()
+    with torch.no_grad():
+        theirs.base_layer.weight.copy_(base.weight)
+        theirs.base_layer.bias.copy_(base.bias)
+        torch.nn.init.normal_(ours.lora_B.weight)
+        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    x = torch.randn(3, 5, 48)
+    results = []
+    for layer, (A, B) in ((ours, (ours.lora_A, ours.lora_B)),
+                          (theirs, (theirs.lora_A["default"], theirs.lora_B["default"]))):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xi)
+        y.float().square().sum().backward()
+        results.append((y, xi.grad, A.weight.grad, B.weight.grad))
+    assert results[0][0].dtype == torch.bfloat16
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def test_autocast_merged_and_disabled_layers_are_the_base_matmul():
+    # merged or disabled: only the base branch, x cast once = what autocast gives for a plain nn.Linear.
+    # (Merging happens outside the autocast block: autocast caches its cast of a weight that requires
+    # grad for the block's duration, so an in-place merge inside it would not be seen by either side.)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12)
+    layer = LoRALinear(base, r=4, alpha=8.0).eval()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = base(x)
+            layer.disabled = True
+            assert torch.equal(layer(x), plain)
+        layer.disabled = False
+        merged = base.weight + layer.delta_weight()
+        layer.merge()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, merged, base.bias))
