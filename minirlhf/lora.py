@@ -108,7 +108,7 @@ class LoRALinear(nn.Linear):
         roundings are the ones autocast makes, so the numbers are PEFT's bit for bit (tests/test_lora.py).
         """
         fresh = x
-        compute = kernels._autocast_dtype(x.device.type)
+        compute = kernels.autocast_dtype(x.device.type)
         if compute is not None and x.dtype != torch.float64:  # autocast leaves float64 alone
             x = x.to(compute)
         y = nn.functional.linear(x, self.weight, self.bias)

@@ -39,7 +39,7 @@ from minirlhf.kernels.fused_cross_entropy import (
 _BACKENDS = ("auto", "triton", "torch")
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes in on this device type, None when autocast is off there."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
@@ -47,7 +47,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The floating-point tensors cast to the autocast dtype when autocast is on for their device (as
     autocast casts a matmul's or SDPA's operands), unchanged otherwise; integer tensors pass through."""
-    dtype = _autocast_dtype(tensors[0].device.type)
+    dtype = autocast_dtype(tensors[0].device.type)
     if dtype is None:
         return tensors
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
@@ -123,7 +123,7 @@ def linear_cross_entropy(
     """Cross-entropy of softmax(hidden @ weight.T) against labels. hidden: [N, H], weight: [V, H],
     labels: [N]. reduction "mean" (over non-ignored tokens) | "sum" -> scalar fp32; "none" -> [N] fp32."""
     hidden, = _autocast_inputs(hidden)  # the weight is cast inside the autograd Function (its dW stays float32)
-    check_linear_inputs(hidden, weight, labels, _autocast_dtype(hidden.device.type))
+    check_linear_inputs(hidden, weight, labels, autocast_dtype(hidden.device.type))
     if reduction not in _REDUCTIONS:
         raise ValueError(f"kernels.linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     fn = (linear_cross_entropy_triton if _use_triton(backend, hidden.device, "linear_cross_entropy")
@@ -141,7 +141,7 @@ def linear_logprobs(
     """log softmax(hidden @ weight.T / temperature)[label] per token. hidden: [N, H], weight: [V, H],
     labels: [N] -> [N] fp32, 0 where labels == ignore_index. Differentiable w.r.t. hidden and weight."""
     hidden, = _autocast_inputs(hidden)  # the weight is cast inside the autograd Function (its dW stays float32)
-    check_linear_inputs(hidden, weight, labels, _autocast_dtype(hidden.device.type))
+    check_linear_inputs(hidden, weight, labels, autocast_dtype(hidden.device.type))
     if not temperature > 0:
         raise ValueError(f"kernels.linear_logprobs: temperature must be > 0, got {temperature}")
     fn = linear_logprobs_triton if _use_triton(backend, hidden.device, "linear_logprobs") else linear_logprobs_chunked
@@ -151,4 +151,4 @@ def linear_logprobs(
     return logprobs if kept is None else _scatter_rows(logprobs, kept)
 
 
-__all__ = ["attention", "linear_cross_entropy", "linear_logprobs"]
+__all__ = ["attention", "autocast_dtype", "linear_cross_entropy", "linear_logprobs"]
