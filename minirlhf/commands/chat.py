@@ -201,10 +201,11 @@ class ChatSession:
         return self.model.lm_head(hidden[:, -1])[0], reused
 
     def _mask(self, start: int, t: int) -> "torch.Tensor":
-        """The attention mask of t tokens written at cache slots start.. (generation.cache_mask)."""
+        """The attention mask of t tokens written at cache slots start.. (generation.cache_mask), over the
+        slots written so far only (the attention reads as many cache slots as the mask covers)."""
         from minirlhf.generation import cache_mask
 
-        return cache_mask(self.key_is_real, start, t, self.model.embed_tokens.weight.dtype)
+        return cache_mask(self.key_is_real[:, : start + t], start, t, self.model.embed_tokens.weight.dtype)
 
     def step(self, token: int) -> "torch.Tensor":
         """Run one generated token at the next cache slot; logits [V] of the one after it."""
