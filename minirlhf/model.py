@@ -407,9 +407,9 @@ class Transformer(nn.Module):
             positions = positions_from_documents(document_ids)
             if attention_mask is not None:  # pads become a document of their own
                 document_ids = torch.where(attention_mask.bool(), document_ids, -1)
-        elif attention_mask is not None and not bool(attention_mask.all()):
+        elif attention_mask is not None:  # (without pads, positions_from_mask is the arange below)
             positions = positions_from_mask(attention_mask)
-            # right padding needs no mask: causal attention alone is exact for every real token
+            # no pads, or right padding, needs no mask: causal attention alone is exact for every real token
             document_ids = None if pads_only_at_the_end(attention_mask) else attention_mask.long()
         else:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
